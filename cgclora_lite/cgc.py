@@ -1,0 +1,424 @@
+"""The CGC-LoRA layer: task-common and task-specific LoRA experts mixed by a task-motivated gate.
+
+CGC-LoRA (Song et al. 2024, arXiv 2402.01684) adapts a frozen ``W0`` (d_out, d_in) for a cluster
+of T tasks with
+
+* K_c **task-common experts** shared by all tasks: LoRA pairs ``A_k`` (r_k, d_in), ``B_k``
+  (d_out, r_k);
+* K_s **task-specific experts for each task** t, used by t only: ``A_{t,j}``, ``B_{t,j}``;
+* a **task-motivated gate** that sees the task id and never the tokens. Task t gets a softmax over
+  the K_c + K_s experts it may use: ``w_t = softmax(G e_t)``, ``e_t`` a learned task embedding
+  (dim D) and ``G`` a (K_c + K_s, D) linear map without bias (the MOELoRA / PLE form).
+
+For a token x of task t:
+
+    h = W0 x + s * ( sum_k w_{t,k} B_k A_k x  +  sum_j w_{t,Kc+j} B_{t,j} A_{t,j} x )
+    s = alpha / r_active,    r_active = sum of common ranks + sum of one task's specific ranks
+
+``B`` starts at zero and the gate logits at zero (``G = 0``: uniform weights), so the adapted layer
+starts exactly equal to the base layer. With ``gate="none"`` every allowed expert gets weight 1,
+which makes the other methods special cases of this one layer:
+
+    ======================  ====  ====  ======
+    method                  K_c   K_s   gate
+    ======================  ====  ====  ======
+    LoRA (one model)        1     0     none
+    per-task LoRA           0     1     none
+    MOELoRA                 K     0     task
+    CGC-LoRA                >=1   >=1   task
+    ======================  ====  ====  ======
+
+**Fused computation.** All experts' ``A`` are stored as one matrix ``A_cat`` (R, d_in) and all
+``B`` as ``B_cat`` (d_out, R), R the summed rank of every expert of every task. The gate becomes a
+coefficient per rank column, ``c_t[col] = s * w_{t, expert(col)}`` (zero on the columns of other
+tasks' specific experts), so a whole mixed-task batch takes two matrix products:
+
+    u = x A_cat^T  (B, L, R);   u <- u * c_{task(b)}  (rank space);   delta = u B_cat^T  (B, L, d_out)
+
+No loop over experts and no per-expert outputs. ``reference_forward`` keeps the readable
+per-expert loop for tests and teaching.
+
+**Per-task merging and export.** The gate ignores tokens, so task t's update is one matrix,
+``dW_t = B_cat diag(c_t) A_cat``: ``merge(t)`` folds it into ``W0`` for zero-overhead inference,
+and ``export_factors(t)`` returns a plain LoRA pair (A'_t, B'_t) with ``B'_t A'_t = dW_t``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import AdaptedLinear, adapter_dtype, init_lora_A
+from .routing import TaskIds, TaskRouter, TaskRoutingError
+
+Ranks = Union[int, Sequence[int]]
+TargetSpec = Union[str, Sequence[str]]  # see CGCConfig.target_modules
+
+
+def _ranks(value: Ranks, count: int, what: str) -> tuple[int, ...]:
+    """One rank per expert: an int is repeated ``count`` times; a sequence must have ``count``."""
+    ranks = (value,) * count if isinstance(value, int) else tuple(int(r) for r in value)
+    if len(ranks) != count:
+        raise ValueError(f"{what} has {len(ranks)} entries for {count} experts: {ranks}")
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"every rank in {what} must be >= 1, got {ranks}")
+    return ranks
+
+
+@dataclass
+class CGCConfig:
+    """Everything that defines a set of CGC-LoRA adapters (saved with them as JSON).
+
+    Attributes:
+        n_common: K_c, task-common experts (shared by every task of the cluster).
+        n_specific: K_s, task-specific experts per task.
+        rank_common: rank of each common expert (an int, or one int per expert).
+        rank_specific: rank of each specific expert of a task (an int, or one int per expert).
+        alpha: scale numerator; the update is scaled by ``s = alpha / r_active``.
+        dropout: dropout on the adapter input (the base path never sees it).
+        gate: ``"task"`` (the task-motivated gate) or ``"none"`` (every allowed expert weight 1).
+        gate_scope: ``"layer"`` (each adapted layer has its own gate: the default, so each layer
+            can choose its own mix of experts, which the gate explorer makes visible) or
+            ``"shared"`` (one gate function for all layers, as the MOELoRA paper describes it).
+        task_embedding_dim: D, the size of the learned task embedding ``e_t``.
+        init: how ``A`` starts: ``"kaiming"`` (like nn.Linear) or ``"gaussian"``. B starts at 0.
+        adapter_dtype: ``"float32"`` (fp32 master weights whatever the base dtype), ``"bfloat16"``,
+            ``"float16"`` or ``"base"`` (the base weight's dtype).
+        target_modules: which linear layers to adapt: ``"all-linear"`` (every nn.Linear except the
+            output head), a list of exact module names or name suffixes (``["q_proj", "v_proj"]``),
+            or any other string, used as a regular expression that must match a full module name.
+        exclude_modules: the same kinds of spec, removed from the targets.
+    """
+
+    n_common: int = 2
+    n_specific: int = 1
+    rank_common: Ranks = 4
+    rank_specific: Ranks = 4
+    alpha: float = 16.0
+    dropout: float = 0.0
+    gate: str = "task"
+    gate_scope: str = "layer"
+    task_embedding_dim: int = 64
+    init: str = "kaiming"
+    adapter_dtype: str = "float32"
+    target_modules: TargetSpec = "all-linear"
+    exclude_modules: TargetSpec | None = None
+    common_ranks: tuple[int, ...] = field(init=False, repr=False)
+    specific_ranks: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.n_common < 0 or self.n_specific < 0:
+            raise ValueError("n_common and n_specific must be >= 0")
+        if self.n_common + self.n_specific == 0:
+            raise ValueError("a CGC-LoRA layer needs at least one expert (n_common + n_specific >= 1)")
+        if self.gate not in ("task", "none"):
+            raise ValueError(f"gate must be 'task' or 'none', got {self.gate!r}")
+        if self.gate_scope not in ("layer", "shared"):
+            raise ValueError(f"gate_scope must be 'layer' or 'shared', got {self.gate_scope!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.task_embedding_dim < 1:
+            raise ValueError("task_embedding_dim must be >= 1")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = list(self.exclude_modules)
+        self.common_ranks = _ranks(self.rank_common, self.n_common, "rank_common")
+        self.specific_ranks = _ranks(self.rank_specific, self.n_specific, "rank_specific")
+        if not isinstance(self.rank_common, int):
+            self.rank_common = list(self.common_ranks)
+        if not isinstance(self.rank_specific, int):
+            self.rank_specific = list(self.specific_ranks)
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def r_active(self) -> int:
+        """The rank one task sees: all common experts plus its own specific experts."""
+        return sum(self.common_ranks) + sum(self.specific_ranks)
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / r_active``."""
+        return self.alpha / self.r_active
+
+    @property
+    def needs_task_ids(self) -> bool:
+        """Whether a forward pass must know each sample's task."""
+        return self.gate == "task" or self.n_specific > 0
+
+    @property
+    def method(self) -> str:
+        """The name of the method this configuration stands for."""
+        if self.gate == "none":
+            if self.n_specific == 0:
+                return "lora" if self.n_common == 1 else "lora (sum of experts)"
+            return "per-task lora" if self.n_common == 0 else "cgc-lora (ungated)"
+        if self.n_specific == 0:
+            return "moelora"
+        return "cgc-lora"
+
+    # --- the methods as configurations of one layer -------------------------------------------
+    @classmethod
+    def lora(cls, rank: int = 8, alpha: float = 16.0, **kw) -> "CGCConfig":
+        """One LoRA shared by all tasks (the integrated model): K_c=1, K_s=0, no gate."""
+        return cls(n_common=1, n_specific=0, rank_common=rank, gate="none", alpha=alpha, **kw)
+
+    @classmethod
+    def per_task_lora(cls, rank: int = 8, alpha: float = 16.0, **kw) -> "CGCConfig":
+        """One independent LoRA per task: K_c=0, K_s=1, no gate."""
+        return cls(n_common=0, n_specific=1, rank_specific=rank, gate="none", alpha=alpha, **kw)
+
+    @classmethod
+    def moelora(cls, n_experts: int = 8, rank: int = 2, alpha: float = 32.0, **kw) -> "CGCConfig":
+        """MOELoRA: K shared experts mixed by the task gate (defaults from its public code)."""
+        return cls(n_common=n_experts, n_specific=0, rank_common=rank, alpha=alpha, **kw)
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CGCConfig":
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CGCConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+class TaskGate(nn.Module):
+    """The task-motivated gate: ``w_t = softmax(G e_t)`` for every task t at once.
+
+    ``task_embedding``: (T, D), normal init. ``proj`` = G: (K_c + K_s, D), zero init, so every task
+    starts with uniform weights over the experts it may use. ``forward()`` -> (T, K_c + K_s).
+    """
+
+    def __init__(self, n_tasks: int, n_experts: int, dim: int = 64, device=None, dtype=None):
+        super().__init__()
+        self.task_embedding = nn.Embedding(n_tasks, dim, device=device, dtype=dtype)  # (T, D)
+        self.proj = nn.Linear(dim, n_experts, bias=False, device=device, dtype=dtype)  # G
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self) -> torch.Tensor:
+        logits = self.proj(self.task_embedding.weight)  # (T, K_c + K_s)
+        return logits.float().softmax(dim=-1)
+
+
+def expert_names(config: CGCConfig, tasks: Sequence[str]) -> list[str]:
+    """Names of all experts of a layer, in storage order: common ones, then each task's own."""
+    names = [f"common{k + 1}" for k in range(config.n_common)]
+    names += [f"{t}/specific{j + 1}" for t in tasks for j in range(config.n_specific)]
+    return names
+
+
+class CGCLoRALinear(AdaptedLinear):
+    """A frozen ``nn.Linear`` adapted by a CGC-LoRA mixture for a cluster of tasks.
+
+    Args:
+        base: the layer to adapt (frozen here).
+        tasks: the cluster's task names (or a ``TaskRouter`` shared by all layers of a model, or an
+            int T for tasks named ``task0..``). Task id i is ``tasks[i]``.
+        config: the ``CGCConfig`` (``target_modules`` is ignored here; it is for ``inject``).
+        gate: a ``TaskGate`` shared with other layers (``gate_scope="shared"``); it is then *not*
+            registered as a submodule of this layer. By default, the layer owns its gate.
+
+    Parameters: ``lora_A`` (R, d_in) and ``lora_B`` (d_out, R), R = sum(common ranks) +
+    T * sum(specific ranks); rows/columns are grouped by expert in ``expert_names`` order.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        tasks: Sequence[str] | TaskRouter | int,
+        config: CGCConfig,
+        gate: TaskGate | None = None,
+    ):
+        super().__init__(base)
+        if isinstance(tasks, int):
+            tasks = [f"task{i}" for i in range(tasks)]
+        self.router = tasks if isinstance(tasks, TaskRouter) else TaskRouter(tasks)
+        self.config = config
+        n_tasks, n_visible = len(self.router.tasks), config.n_common + config.n_specific
+        self.scaling = config.scaling
+
+        # Expert e occupies rank columns [start_e, start_e + r_e) of A_cat / B_cat.
+        ranks = list(config.common_ranks) + list(config.specific_ranks) * n_tasks
+        bounds = torch.tensor([0] + ranks).cumsum(0)
+        self.expert_slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        total_rank = int(bounds[-1])
+
+        # visible[t, v] = the storage index of the v-th expert task t may use (commons, then own).
+        common = torch.arange(config.n_common).expand(n_tasks, -1)  # (T, K_c)
+        own = config.n_common + config.n_specific * torch.arange(n_tasks)[:, None]  # (T, 1)
+        own = own + torch.arange(config.n_specific)  # (T, K_s)
+        visible = torch.cat([common, own], dim=1)  # (T, K_c + K_s)
+        expert_of_column = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+        device = base.weight.device
+        self.register_buffer("visible_experts", visible.to(device), persistent=False)
+        self.register_buffer("expert_of_column", expert_of_column.to(device), persistent=False)
+
+        kw = dict(device=device, dtype=adapter_dtype(config.adapter_dtype, base))
+        self.lora_A = nn.Parameter(torch.empty(total_rank, self.in_features, **kw))  # (R, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, total_rank, **kw))  # (d_out, R)
+        for sl in self.expert_slices:  # per expert, so "gaussian" uses each expert's own rank
+            init_lora_A(self.lora_A.data[sl], config.init)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+        self.gate: TaskGate | None = None  # registered only when this layer owns its gate
+        if config.gate == "task" and gate is None:
+            self.gate = TaskGate(n_tasks, n_visible, config.task_embedding_dim, **kw)
+        elif gate is not None:
+            if config.gate != "task":
+                raise ValueError("a shared gate was given but config.gate is 'none'")
+            if gate.proj.out_features != n_visible or gate.task_embedding.num_embeddings != n_tasks:
+                raise ValueError(
+                    f"the shared gate has {gate.task_embedding.num_embeddings} tasks and "
+                    f"{gate.proj.out_features} experts; this layer needs {n_tasks} and {n_visible}"
+                )
+        object.__setattr__(self, "_shared_gate", gate if self.gate is None else None)
+
+    # --- gate weights -------------------------------------------------------------------------
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.router.tasks
+
+    @property
+    def expert_names(self) -> list[str]:
+        return expert_names(self.config, self.tasks)
+
+    def visible_weights(self) -> torch.Tensor:
+        """Gate weights over the experts each task may use: (T, K_c + K_s), rows sum to 1.
+
+        Without a gate every allowed expert has weight 1.
+        """
+        gate = self.gate if self.gate is not None else self._shared_gate
+        if gate is None:
+            return torch.ones(self.visible_experts.shape, device=self.lora_A.device)
+        return gate()  # (T, K_c + K_s)
+
+    def expert_weights(self) -> torch.Tensor:
+        """Gate weights over *all* experts of the layer: (T, E), zero where a task has no access."""
+        w = self.visible_weights()  # (T, K_c + K_s)
+        full = w.new_zeros(w.shape[0], len(self.expert_slices))  # (T, E)
+        return full.scatter(1, self.visible_experts, w)
+
+    def rank_coefficients(self) -> torch.Tensor:
+        """``c[t, col] = s * w_{t, expert(col)}``: the gate moved to rank space, (T, R), fp32."""
+        return self.scaling * self.expert_weights()[:, self.expert_of_column]  # (T, R)
+
+    # --- forward ------------------------------------------------------------------------------
+    def _task_ids(self, task_ids: TaskIds | None, batch: int) -> torch.Tensor:
+        """The (batch,) task ids of this call: given explicitly, else those set on the router."""
+        if task_ids is not None:
+            ids = self.router.to_ids(task_ids, self.lora_A.device)
+        elif self.router.task_ids is not None:
+            ids = self.router.task_ids
+        else:
+            raise TaskRoutingError(
+                f"this {self.config.method} layer needs each sample's task ({list(self.tasks)}) "
+                "but none was given. Pass task_ids=... to the model call or to generate(), or run "
+                "inside `with adapters.route(task_ids):`."
+            )
+        if ids.shape[0] != batch:
+            raise TaskRoutingError(
+                f"got {ids.shape[0]} task ids for a batch of {batch} samples; give exactly one "
+                "task per sample (in the batch's order)."
+            )
+        return ids
+
+    def forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
+        """x (B, ..., d_in) -> (B, ..., d_out). Two GEMMs whatever the number of experts."""
+        h = self.base(x)  # (B, ..., d_out)
+        if not self.router.enabled:
+            return h
+        if self.merged:
+            self._check_merged_task(task_ids, x.shape[0] if x.dim() > 1 else 1)
+            return h
+        u = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (B, ..., R)
+        if self.config.needs_task_ids:
+            ids = self._task_ids(task_ids, x.shape[0] if x.dim() > 1 else 1)
+            coef = self.rank_coefficients()[ids].to(u.dtype)  # (B, R)
+            u = u * coef.view(coef.shape[0], *([1] * (u.dim() - 2)), -1)  # (B, ..., R)
+        else:
+            u = u * self.scaling
+        return h + F.linear(u, self.lora_B).to(h.dtype)  # (B, ..., d_out)
+
+    def reference_forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
+        """The same function as ``forward``, written as the per-expert loop of the equation.
+
+        Slow (one pair of matmuls and one (B, ..., d_out) output per expert): for tests and teaching.
+        """
+        h = self.base(x)  # (B, ..., d_out)
+        xd = self.dropout(x).to(self.lora_A.dtype)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        if self.config.needs_task_ids:
+            per_sample = self.expert_weights()[self._task_ids(task_ids, batch)]  # (B, E)
+        else:
+            per_sample = torch.ones(batch, len(self.expert_slices), device=x.device)
+        delta = 0
+        for e, sl in enumerate(self.expert_slices):
+            y_e = xd @ self.lora_A[sl].T @ self.lora_B[:, sl].T  # (B, ..., d_out): expert e alone
+            w_e = self.scaling * per_sample[:, e].to(y_e.dtype)  # (B,)
+            delta = delta + w_e.view(-1, *([1] * (y_e.dim() - 1))) * y_e
+        return h + delta.to(h.dtype)
+
+    # --- per-task update, merge, export --------------------------------------------------------
+    def _key(self, task: str | int | None) -> int | None:
+        if task is None:
+            if self.config.needs_task_ids:
+                raise TaskRoutingError(
+                    f"this {self.config.method} layer has a different update per task: name one of "
+                    f"{list(self.tasks)}"
+                )
+            return None
+        return self.router.task_index(task)
+
+    def delta_weight(self, task: str | int | None = None) -> torch.Tensor:
+        """``dW_t = B_cat diag(c_t) A_cat`` in fp32, shape (d_out, d_in)."""
+        t = self._key(task)
+        coef = self.rank_coefficients()[0 if t is None else t]  # (R,)
+        return (self.lora_B.float() * coef) @ self.lora_A.float()  # (d_out, d_in)
+
+    def merge(self, task: str | int | None = None) -> None:
+        """Fold task ``task``'s update into ``W0`` (see ``AdaptedLinear.merge``)."""
+        super().merge(self._key(task))
+
+    def _check_merged_task(self, task_ids: TaskIds | None, batch: int) -> None:
+        (merged,) = self.merged_key
+        if merged is None:
+            return
+        ids = task_ids if task_ids is not None else self.router.task_ids
+        if ids is not None and bool((self.router.to_ids(ids) != merged).any()):
+            raise TaskRoutingError(
+                f"this layer is merged for task {self.tasks[merged]!r} but the batch has other "
+                "tasks; unmerge() to serve a mixed batch, or send only that task's samples."
+            )
+
+    @torch.no_grad()
+    def export_factors(self, task: str | int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain LoRA pair for one task: ``A'`` (r_active, d_in), ``B'`` (d_out, r_active).
+
+        ``B' A' = delta_weight(task)``: ``A'`` stacks the rows of the experts the task uses and
+        ``B'`` their columns times ``s * w``. Any tool that loads a LoRA can serve this task.
+        """
+        t = self._key(task)
+        t = 0 if t is None else t
+        coef = self.rank_coefficients()[t]  # (R,)
+        cols = torch.cat([
+            torch.arange(self.expert_slices[e].start, self.expert_slices[e].stop)
+            for e in self.visible_experts[t].tolist()
+        ]).to(self.lora_A.device)  # (r_active,)
+        return self.lora_A.float()[cols].clone(), self.lora_B.float()[:, cols] * coef[cols]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, tasks={len(self.tasks)}, common={list(c.common_ranks)}, "
+            f"specific={list(c.specific_ranks)}, gate={c.gate}"
+        )
+
