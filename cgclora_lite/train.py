@@ -1,0 +1,170 @@
+"""A plain, readable training loop for adapters, and the answer-only language-model loss.
+
+Only the answer tokens are learned (the prompt is context). For a sequence whose answer tokens are
+``y_i`` (labels != -100) the loss is the mean next-token cross-entropy over them:
+
+    L = - 1/N * sum_i log p(y_i | tokens before i)
+
+``answer_loss`` runs the output head on the answer positions only: computing logits over the
+whole 49k vocabulary at every position costs more than the rest of a small model's step.
+
+``train`` is AdamW with linear warm-up then cosine (or linear, or constant) decay, gradient
+clipping, gradient accumulation, bf16 autocast on CUDA, a fixed seed, a ``tqdm`` progress bar
+showing the loss, optional periodic validation, and a recorded history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .inject import CGCAdapters
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``train``.
+
+    ``steps`` optimizer steps, each on ``grad_accum`` batches; learning rate ``lr`` reached after
+    ``warmup`` (a fraction of ``steps``) then decayed by ``schedule`` ("cosine", "linear" or
+    "constant") towards 0; gradients clipped to ``max_grad_norm`` (0: no clipping); validation
+    loss every ``eval_every`` steps (0: never); ``amp``: bf16 autocast (default: on CUDA only).
+    """
+
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.1
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    seed: int = 0
+    amp: bool | None = None
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ValueError("steps and grad_accum must be >= 1")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then decay."""
+    warm = int(config.warmup * config.steps)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    progress = (step - warm) / max(1, config.steps - warm)
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if config.schedule == "linear":
+        return 1 - progress
+    return 1.0
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens (labels != -100), the head run on those positions only.
+
+    ``batch``: ``input_ids`` (B, L), ``attention_mask`` (B, L), ``labels`` (B, L). Task ids must
+    already be routed (``with adapters.route(batch["task_ids"])``). Equal to
+    ``model(..., labels=labels).loss`` for models whose head is a plain linear map (Llama family);
+    models with a scaled or soft-capped head fall back to that slower call.
+    """
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    if not isinstance(head, torch.nn.Linear) or decoder is model:
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]  # (B, L-1): token i+1 is predicted at position i
+    mask = targets != -100  # (B, L-1)
+    logits = head(hidden[:, :-1][mask])  # (N, V): answer positions only
+    return F.cross_entropy(logits.float(), targets[mask])
+
+
+def _forever(batches: Iterable[dict]):
+    """Iterate ``batches`` again and again (a DataLoader reshuffles each pass)."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("no training batches: the training data is empty")
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(adapters: CGCAdapters, batches: Iterable[dict], amp: bool = False) -> float:
+    """Mean answer loss over ``batches`` (each batch weighted by its answer tokens)."""
+    model = adapters.model
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in batches:
+        batch = _to(batch, device)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        with adapters.route(batch["task_ids"]), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            total += answer_loss(model, batch).item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(
+    adapters: CGCAdapters,
+    batches: Iterable[dict],
+    config: TrainConfig = TrainConfig(),
+    validation: Iterable[dict] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``adapters`` (and nothing else) on ``batches``; return the history, one dict per step.
+
+    ``batches`` yields dicts with ``input_ids``, ``attention_mask``, ``labels`` and ``task_ids``
+    (see ``data.Collator``); it is cycled if it runs out. Each history entry has ``step``,
+    ``loss`` (mean over the accumulated batches), ``lr``, ``grad_norm``, ``seconds`` since the
+    start, and ``val_loss`` on validation steps.
+    """
+    torch.manual_seed(config.seed)
+    model = adapters.model
+    device = next(model.parameters()).device
+    amp = config.amp if config.amp is not None else device.type == "cuda"
+    params = adapters.parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    stream = batches if hasattr(batches, "__next__") else _forever(batches)
+    history, start = [], time.perf_counter()
+    model.train()
+    bar = tqdm(range(config.steps), desc="train", disable=not progress)
+    for step in bar:
+        lr = config.lr * lr_factor(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(config.grad_accum):
+            batch = _to(next(stream), device)
+            with adapters.route(batch["task_ids"]):  # backward inside: checkpointing re-runs forwards
+                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    loss = answer_loss(model, batch)
+                (loss / config.grad_accum).backward()
+            loss_sum += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": loss_sum / config.grad_accum, "lr": lr,
+                  "grad_norm": float(norm), "seconds": time.perf_counter() - start}
+        if validation is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+            record["val_loss"] = evaluate_loss(adapters, validation, amp)
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+    model.eval()
+    return history
