@@ -77,4 +77,8 @@ def test_readme_usage_example_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "my_adapters" / "cgclora_config.json").is_file()
-    assert namespace["adapters"].is_attached  # load_adapters attached the saved set again
+    from cgclora_lite import attached_adapters
+
+    loaded = attached_adapters(namespace["model"])  # load_adapters attached the saved set again
+    assert loaded is not None and loaded is not namespace["adapters"]
+    assert loaded.tasks == ("topic", "sentiment")
