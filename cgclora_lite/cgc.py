@@ -312,8 +312,14 @@ class CGCLoRALinear(AdaptedLinear):
         return self.scaling * self.expert_weights()[:, self.expert_of_column]  # (T, R)
 
     # --- forward ------------------------------------------------------------------------------
-    def _task_ids(self, task_ids: TaskIds | None, batch: int) -> torch.Tensor:
-        """The (batch,) task ids of this call: given explicitly, else those set on the router."""
+    def _task_ids(self, task_ids: TaskIds | None, x: torch.Tensor) -> torch.Tensor:
+        """The (B,) task ids for input x (B, ..., d_in): given explicitly, else the router's."""
+        if x.dim() < 2:
+            raise TaskRoutingError(
+                f"input of shape {tuple(x.shape)} has no batch dimension: task routing needs "
+                "x of shape (batch, ..., d_in), one task id per sample"
+            )
+        batch = x.shape[0]
         if task_ids is not None:
             ids = self.router.to_ids(task_ids, self.lora_A.device)
         elif self.router.task_ids is not None:
@@ -337,11 +343,11 @@ class CGCLoRALinear(AdaptedLinear):
         if not self.router.enabled:
             return h
         if self.merged:
-            self._check_merged_task(task_ids, x.shape[0] if x.dim() > 1 else 1)
+            self._check_merged_task(task_ids)
             return h
         u = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (B, ..., R)
         if self.config.needs_task_ids:
-            ids = self._task_ids(task_ids, x.shape[0] if x.dim() > 1 else 1)
+            ids = self._task_ids(task_ids, x)
             coef = self.rank_coefficients()[ids].to(u.dtype)  # (B, R)
             u = u * coef.view(coef.shape[0], *([1] * (u.dim() - 2)), -1)  # (B, ..., R)
         else:
@@ -355,11 +361,10 @@ class CGCLoRALinear(AdaptedLinear):
         """
         h = self.base(x)  # (B, ..., d_out)
         xd = self.dropout(x).to(self.lora_A.dtype)
-        batch = x.shape[0] if x.dim() > 1 else 1
         if self.config.needs_task_ids:
-            per_sample = self.expert_weights()[self._task_ids(task_ids, batch)]  # (B, E)
+            per_sample = self.expert_weights()[self._task_ids(task_ids, x)]  # (B, E)
         else:
-            per_sample = torch.ones(batch, len(self.expert_slices), device=x.device)
+            per_sample = torch.ones(x.shape[0], len(self.expert_slices), device=x.device)
         delta = 0
         for e, sl in enumerate(self.expert_slices):
             y_e = xd @ self.lora_A[sl].T @ self.lora_B[:, sl].T  # (B, ..., d_out): expert e alone
@@ -388,7 +393,7 @@ class CGCLoRALinear(AdaptedLinear):
         """Fold task ``task``'s update into ``W0`` (see ``AdaptedLinear.merge``)."""
         super().merge(self._key(task))
 
-    def _check_merged_task(self, task_ids: TaskIds | None, batch: int) -> None:
+    def _check_merged_task(self, task_ids: TaskIds | None) -> None:
         (merged,) = self.merged_key
         if merged is None:
             return

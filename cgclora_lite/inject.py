@@ -133,6 +133,7 @@ class CGCAdapters:
             for name in targets
         }
         self._hooks: list = []
+        self._routes: list = []  # one entry per forward call in progress (nested calls stack)
         self.attach()
         total = sum(p.numel() for p in model.parameters())
         self.report = InjectionReport(list(targets), self.num_trainable(), total)
@@ -166,7 +167,6 @@ class CGCAdapters:
             self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             self.model.register_forward_hook(self._post_forward, always_call=True),
         ]
-        self._routes: list = []
         if hasattr(self.model, "generate"):
             self.model.generate = functools.partial(self._generate, self.model.generate)
         setattr(self.model, _ATTACHED, self)

@@ -172,6 +172,8 @@ def test_task_id_errors():
         layer(x, [0, 1, 2])
     with pytest.raises(TaskRoutingError, match="integer tensor"):
         layer(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(TaskRoutingError, match="no batch dimension"):
+        layer(torch.randn(16), [0])
     with pytest.raises(TaskRoutingError, match="name one of"):
         layer.delta_weight()
 
