@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m cgclora_lite demo
+	$(BIN)/python -m cgclora_lite run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

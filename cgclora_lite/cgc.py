@@ -36,7 +36,15 @@ tasks' specific experts), so a whole mixed-task batch takes two matrix products:
     u = x A_cat^T  (B, L, R);   u <- u * c_{task(b)}  (rank space);   delta = u B_cat^T  (B, L, d_out)
 
 No loop over experts and no per-expert outputs. ``reference_forward`` keeps the readable
-per-expert loop for tests and teaching.
+per-expert loop for tests and teaching. ``FusedCGCLoRA`` runs the base product and the two adapter
+products as one autograd node: the update is accumulated into the base output in place, the input
+gradient of base and adapter in one buffer, and backward keeps only rank-space activations besides
+the input (see its docstring for the equations and the measurements behind it).
+
+**Many tasks.** R grows with the number of tasks T (each brings its own specific experts) while a
+sample only ever uses ``r_active`` columns. When R > ``GATHER_ABOVE * r_active`` the layer switches
+to the *gathered* form: each sample gets its own task's ``r_active`` rows of ``A_cat`` and columns
+of ``B_cat`` (batched products, no host synchronisation, cost independent of T).
 
 **Per-task merging and export.** The gate ignores tokens, so task t's update is one matrix,
 ``dW_t = B_cat diag(c_t) A_cat``: ``merge(t)`` folds it into ``W0`` for zero-overhead inference,
@@ -214,6 +222,90 @@ def expert_names(config: CGCConfig, tasks: Sequence[str]) -> list[str]:
     names = [f"common{k + 1}" for k in range(config.n_common)]
     names += [f"{t}/specific{j + 1}" for t in tasks for j in range(config.n_specific)]
     return names
+
+
+def _to_rank(t: torch.Tensor, M: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """t (B, L, n) times the rank factor M (R, n) transposed: (B, L, R); or, with ``cols`` (B, r),
+    each sample times its own rows ``M[cols_b]``: (B, L, r)."""
+    return t @ M.T if cols is None else torch.bmm(t, M[cols].transpose(1, 2))
+
+
+def _from_rank(t: torch.Tensor, M: torch.Tensor, cols: torch.Tensor | None, out=None) -> torch.Tensor:
+    """t (B, L, R) times M (R, n): (B, L, n); with ``cols``, t (B, L, r) times ``M[cols_b]``.
+    With ``out`` (B, L, n), the product is added into it in place (no (B, L, n) temporary)."""
+    if out is None:
+        return t @ M if cols is None else torch.bmm(t, M[cols])
+    if cols is None:
+        out.view(-1, out.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), M)
+    else:
+        out.baddbmm_(t, M[cols])
+    return out
+
+
+def _rank_grad(t: torch.Tensor, y: torch.Tensor, M: torch.Tensor, cols: torch.Tensor | None):
+    """Gradient of the rank factor M (R, n) from t (B, L, R or r) and y (B, L, n): sum of t^T y
+    over all tokens, each sample's rows added into its own ``cols`` in the gathered form."""
+    if cols is None:
+        return t.flatten(0, 1).T @ y.flatten(0, 1)  # (R, n)
+    per_sample = torch.bmm(t.transpose(1, 2), y)  # (B, r, n)
+    return M.new_zeros(M.shape).index_add_(0, cols.flatten(), per_sample.flatten(0, 1))
+
+
+class FusedCGCLoRA(torch.autograd.Function):
+    """A frozen linear layer plus a rank-space-gated LoRA update, as one autograd node.
+
+        out = x W0^T + b + v B^T,   v = u * c,   u = x_d A^T,   x_d = x * m / (1 - p)
+
+    Shapes: x (B, L, d_in); W0 (d_out, d_in); b (d_out,) or None; A (R, d_in); B (d_out, R);
+    m (B, L, d_in) bool keep-mask, or None for no dropout; out (B, L, d_out). Two forms:
+
+    * dense (``cols`` None): c (B, R) or (1, R); every sample uses all R columns, with zero
+      coefficients on the ones its task may not use;
+    * gathered (``cols`` (B, r), the columns sample b uses): c (B, r); sample b multiplies by its
+      own rows ``A[cols_b]`` (r, d_in) and columns ``B[:, cols_b]`` (batched products).
+
+    Backward, with g = dL/dout (B, L, d_out):
+
+        gv = g B;  dB = g^T v;  dc = sum over L of gv * u;  gu = gv * c;  dA = gu^T x_d;
+        dx = g W0 + (gu A) * m / (1 - p)
+
+    Saved: x (needed for dA in any LoRA), the bool mask, u (rank space) and c. Not saved: x_d,
+    v (recomputed in rank space) or the update. The update is accumulated into the base output
+    in place and the adapter's input gradient into the base's, so neither a (B, L, d_out) update
+    nor a second (B, L, d_in) input gradient is ever materialised.
+
+    All floating tensors come in one dtype (the caller casts the small adapter tensors, never x).
+    The base weight and bias get gradients only if they require them (a frozen base gets none).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, c, cols, mask, p: float):
+        xd = x if mask is None else x * mask / (1 - p)  # (B, L, d_in)
+        u = _to_rank(xd, A, cols)  # (B, L, R)
+        v = u * c.unsqueeze(1)  # (B, L, R): the gate, in rank space
+        out = _from_rank(v, B.T, cols, out=F.linear(x, weight, bias))  # (B, L, d_out)
+        ctx.save_for_backward(x, weight, A, B, c, cols, mask, u)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, A, B, c, cols, mask, u = ctx.saved_tensors
+        p, need = ctx.p, ctx.needs_input_grad
+        xd = x if mask is None else x * mask / (1 - p)  # (B, L, d_in)
+        gv = _to_rank(g, B.T, cols)  # (B, L, R)
+        dB = _rank_grad(u * c.unsqueeze(1), g, B.T, cols).T  # (d_out, R)
+        dc = (gv * u).sum(1) if need[5] else None  # (B, R)
+        gu = gv * c.unsqueeze(1)  # (B, L, R)
+        dA = _rank_grad(gu, xd, A, cols)  # (R, d_in)
+        dx = g @ weight  # (B, L, d_in)
+        if mask is None:
+            _from_rank(gu, A, cols, out=dx)
+        else:
+            dx.addcmul_(_from_rank(gu, A, cols), mask, value=1 / (1 - p))
+        dW = g.flatten(0, 1).T @ x.flatten(0, 1) if need[1] else None  # (d_out, d_in)
+        db = g.sum((0, 1)) if need[2] else None  # (d_out,)
+        return dx, dW, db, dA, dB, dc, None, None, None
 
 
 class CGCLoRALinear(AdaptedLinear):

@@ -1,14 +1,28 @@
-"""Batched greedy generation per task, and scoring of label answers.
+"""Evaluation: batched greedy generation per task, and the metrics of each kind of task.
 
 Answers are generated greedily from the chat prompt (left padded, so every prompt ends at the
-last position). A label task's answer is parsed by its first word, lowercased and stripped of
-punctuation (zero-shot models answer in sentences: "Positive. The tweet..." -> "positive"); an
-answer whose first word is not one of the task's labels counts as wrong.
+last position; task ids routed per sample, so one batch may mix tasks). Then, by task metric:
+
+* ``accuracy`` (label tasks): the answer's first word, lowercased and stripped of punctuation, is
+  the predicted label (zero-shot models answer in sentences: "Positive. The tweet..." ->
+  "positive"). **An answer whose first word is not one of the task's labels is unparseable: it
+  counts as wrong**, for accuracy and for macro-F1 (scikit-learn's ``f1_score`` over the task's
+  labels, where an unparseable answer is a miss for its true label and a hit for no label).
+  The share of unparseable answers is reported as ``unparsed``.
+* ``rouge_l`` (generation): ROUGE-L F-measure from Google's ``rouge-score`` package, with its
+  Porter stemmer, averaged over examples.
+* ``exact_match`` (question answering): SQuAD's definitions: answers are lowercased, stripped of
+  punctuation and of the articles a/an/the, and whitespace-normalised; ``exact_match`` is 1 when
+  the normalised strings are equal, ``token_f1`` the F1 of their bags of tokens.
+
+Every task also gets ``score``, its headline metric (the one named by ``task.metric``).
 """
 
 from __future__ import annotations
 
 import re
+import string
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -16,11 +30,87 @@ import torch
 from .data import Collator, Example, Task, encode_prompt
 from .inject import attached_adapters
 
+# Room for the answer, by metric: labels are a word or two; headlines and trivia answers short.
+MAX_NEW_TOKENS = {"accuracy": 5, "rouge_l": 24, "exact_match": 16}
+
 
 def first_word(text: str) -> str:
     """The first word of ``text``, lowercased, without punctuation ("" if there is none)."""
     match = re.search(r"[a-z0-9]+", text.lower())
     return match.group(0) if match else ""
+
+
+def parse_label(answer: str, labels: Sequence[str]) -> str | None:
+    """The label an answer gives (its first word), or None when that word is not a label."""
+    word = first_word(answer)
+    return word if word in labels else None
+
+
+def label_scores(answers: Sequence[str], targets: Sequence[str], labels: Sequence[str]) -> dict:
+    """``accuracy``, ``macro_f1`` (over ``labels``) and the ``unparsed`` share of answers."""
+    from sklearn.metrics import f1_score
+
+    _check_lengths(answers, targets)
+    predicted = [parse_label(a, labels) for a in answers]
+    invalid = "<unparsed>"  # never a label, so it counts for no class
+    as_labels = [p if p is not None else invalid for p in predicted]
+    return {
+        "accuracy": sum(p == t for p, t in zip(predicted, targets)) / len(targets),
+        "macro_f1": float(f1_score(list(targets), as_labels, labels=list(labels), average="macro",
+                                   zero_division=0)),
+        "unparsed": predicted.count(None) / len(targets),
+    }
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(answer: str, target: str) -> float:
+    return float(normalize_answer(answer) == normalize_answer(target))
+
+
+def token_f1(answer: str, target: str) -> float:
+    """F1 of the normalised answer's and target's bags of tokens (SQuAD)."""
+    pred, gold = normalize_answer(answer).split(), normalize_answer(target).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(answers: Sequence[str], targets: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure (``rouge-score``, Porter stemmer)."""
+    from rouge_score import rouge_scorer
+
+    _check_lengths(answers, targets)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(scorer.score(t, a)["rougeL"].fmeasure for a, t in zip(answers, targets)) / len(targets)
+
+
+def score_task(task: Task, answers: Sequence[str], targets: Sequence[str]) -> dict:
+    """The metrics of ``task``'s kind for these answers, plus ``score`` (the headline metric)."""
+    _check_lengths(answers, targets)
+    if task.metric == "accuracy":
+        scores = label_scores(answers, targets, task.labels)
+    elif task.metric == "rouge_l":
+        scores = {"rouge_l": rouge_l(answers, targets)}
+    else:
+        scores = {"exact_match": sum(map(exact_match, answers, targets)) / len(targets),
+                  "token_f1": sum(map(token_f1, answers, targets)) / len(targets)}
+    return {"score": scores[task.metric], **scores}
+
+
+def _check_lengths(answers, targets) -> None:
+    if len(answers) != len(targets) or not targets:
+        raise ValueError(f"need as many answers as targets (and at least one): got "
+                         f"{len(answers)} answers for {len(targets)} targets")
 
 
 @torch.no_grad()
@@ -59,8 +149,31 @@ def generate_answers(
     return [a.strip() for a in answers]
 
 
-def label_accuracy(answers: Sequence[str], targets: Sequence[str]) -> float:
-    """Share of answers whose first word equals the target label."""
-    if len(answers) != len(targets):
-        raise ValueError(f"{len(answers)} answers for {len(targets)} targets")
-    return sum(first_word(a) == t for a, t in zip(answers, targets)) / max(len(targets), 1)
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: Sequence[Task],
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_prompt_length: int | None = None,
+    only: Sequence[str] | None = None,
+) -> dict[str, dict]:
+    """Generate and score the tasks of ``tasks`` (routed with task id = position in ``tasks``).
+
+    Returns ``{task name: {"score": ..., <metrics>..., "n": examples, "answers": [...]}}``.
+    Tasks are generated one at a time (each with its own answer length); ``limit`` caps the
+    examples per task; ``only`` names the tasks to evaluate (default: all).
+    """
+    results = {}
+    for task_id, task in enumerate(tasks):
+        if only is not None and task.name not in only:
+            continue
+        examples = task.split(split)[:limit]
+        if not examples:
+            raise ValueError(f"task {task.name!r} has no {split} examples to evaluate")
+        answers = generate_answers(model, tokenizer, tasks, [(task_id, ex) for ex in examples],
+                                   batch_size, MAX_NEW_TOKENS[task.metric], max_prompt_length)
+        results[task.name] = {**score_task(task, answers, [ex.target for ex in examples]),
+                              "n": len(examples), "answers": answers}
+    return results

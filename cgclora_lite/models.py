@@ -172,12 +172,31 @@ def load_model(
         model, tokenizer = _load_embedded(dtype, cache)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = load_tokenizer(name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of :func:`load_model` (same names; the embedded one from its cache if any).
+
+    For the tiny test model, which shares the embedded model's vocabulary.
+    """
+    if name_or_path in _EMBEDDED_ALIASES:
+        folder = cache_dir() / EMBEDDED_MODEL
+        if folder.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            gguf = embedded_gguf_path()
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _load_embedded(dtype: torch.dtype, cache: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -1,0 +1,255 @@
+"""The 1+N framework: one frozen central model ("1") and N clusters of CGC-LoRA modules ("N").
+
+Tasks that help each other share a cluster: one set of CGC-LoRA adapters whose common experts all
+its tasks use and whose specific experts and gate rows belong to one task each. Tasks that fight
+(the seesaw) go to different clusters, whose adapters never touch each other. The central model is
+loaded once; switching cluster puts that cluster's adapted layers into it (``CGCAdapters.attach``)
+without copying anything.
+
+    framework = OnePlusN(model, tokenizer)
+    framework.add_cluster("classify", [topic, sentiment], CGCConfig(n_common=2, n_specific=1))
+    framework.add_cluster("generate", [headline, trivia], CGCConfig(n_common=2, n_specific=1))
+    framework.train(TrainConfig(steps=100))          # each cluster on its own tasks
+    framework.generate("sentiment", ["what a great day"])   # routed to 'classify', task id 1
+    framework.evaluate()                              # every task's metrics
+    framework.save("runs/my_1plusN")                  # central model named, adapters saved
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .cgc import CGCConfig
+from .checkpoint import load_adapters
+from .data import Collator, Example, MultiTaskDataset, Task, TaskBalancedSampler
+from .evaluate import MAX_NEW_TOKENS, evaluate_tasks, generate_answers
+from .inject import CGCAdapters, inject
+from .routing import TaskRoutingError
+from .train import TrainConfig, train
+
+FRAMEWORK_FILE = "framework.json"
+
+
+@dataclass
+class Cluster:
+    """One of the N: a name, its tasks (task id = position), its config, adapters and history."""
+
+    name: str
+    tasks: list[Task]
+    config: CGCConfig
+    adapters: CGCAdapters
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def _task_definition(task: Task) -> dict:
+    """What is needed to prompt and score a task, without its examples."""
+    return {"name": task.name, "cluster": task.cluster, "instruction": task.instruction,
+            "metric": task.metric, "labels": task.labels}
+
+
+class OnePlusN:
+    """A central model plus named clusters of CGC-LoRA adapters; requests routed by task name.
+
+    Args:
+        model, tokenizer: the central model (frozen by the first ``add_cluster``) and its tokenizer.
+        max_length: tokens per training example; prompts at inference are cut to the same budget.
+    """
+
+    def __init__(self, model, tokenizer, max_length: int = 256):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.clusters: dict[str, Cluster] = {}
+        self.active: str | None = None
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{c.name}: {c.task_names}" for c in self.clusters.values())
+        return f"OnePlusN({getattr(self.model, 'name_or_path', '?')}; {parts})"
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [t for c in self.clusters.values() for t in c.tasks]
+
+    # --- clusters -------------------------------------------------------------------------
+    def add_cluster(self, name: str, tasks: Sequence[Task], config: CGCConfig) -> Cluster:
+        """Inject a new set of adapters for ``tasks`` (a task may belong to one cluster only)."""
+        if name in self.clusters:
+            raise ValueError(f"a cluster named {name!r} exists already")
+        taken = {t.name: c.name for c in self.clusters.values() for t in c.tasks}
+        clash = [t.name for t in tasks if t.name in taken]
+        if clash:
+            raise ValueError(f"task {clash[0]!r} already belongs to cluster {taken[clash[0]]!r}")
+        self._deactivate()
+        adapters = inject(self.model, config, [t.name for t in tasks])
+        self.clusters[name] = Cluster(name, list(tasks), config, adapters)
+        self.active = name
+        return self.clusters[name]
+
+    def cluster_of(self, task: str) -> Cluster:
+        """The cluster that serves ``task``."""
+        for cluster in self.clusters.values():
+            if task in cluster.task_names:
+                return cluster
+        known = {c.name: c.task_names for c in self.clusters.values()}
+        raise TaskRoutingError(f"unknown task {task!r}; clusters and their tasks: {known}")
+
+    def activate(self, name: str) -> CGCAdapters:
+        """Put cluster ``name``'s adapters into the central model (and take the others out)."""
+        if name not in self.clusters:
+            raise KeyError(f"no cluster {name!r}; clusters: {list(self.clusters)}")
+        if self.active != name:
+            self._deactivate()
+            self.clusters[name].adapters.attach()
+            self.active = name
+        return self.clusters[name].adapters
+
+    def _deactivate(self) -> None:
+        if self.active is not None:
+            adapters = self.clusters[self.active].adapters
+            adapters.unmerge()
+            adapters.detach()
+            self.active = None
+
+    def _route(self, task: str, cluster: str | None) -> tuple[Cluster, int]:
+        """The cluster serving ``task`` (checked against ``cluster`` if given) and its task id."""
+        owner = self.cluster_of(task)
+        if cluster is not None and cluster != owner.name:
+            raise TaskRoutingError(
+                f"task {task!r} belongs to cluster {owner.name!r}, not {cluster!r}: its experts "
+                f"and gate row live there. Omit cluster= to route by task name."
+            )
+        self.activate(owner.name)
+        return owner, owner.task_names.index(task)
+
+    # --- training -------------------------------------------------------------------------
+    def train_cluster(self, name: str, config: TrainConfig, batch_size: int = 8,
+                      progress: bool = True) -> list[dict]:
+        """Train cluster ``name`` on mixed, task-balanced batches of its own tasks."""
+        cluster = self.clusters[name]
+        adapters = self.activate(name)
+        collate = Collator(self.tokenizer.pad_token_id)
+        data = MultiTaskDataset(cluster.tasks, self.tokenizer, "train", self.max_length)
+        sampler = TaskBalancedSampler(data, batch_size, seed=config.seed,
+                                      num_batches=config.steps * config.grad_accum)
+        loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+        validation = None
+        if config.eval_every and all(t.validation for t in cluster.tasks):
+            val_data = MultiTaskDataset(cluster.tasks, self.tokenizer, "validation", self.max_length)
+            validation = list(DataLoader(val_data, batch_size=batch_size, collate_fn=collate))
+        history = train(adapters, loader, config, validation, progress)
+        cluster.history += history
+        return history
+
+    def train(self, config: TrainConfig, batch_size: int = 8, progress: bool = True,
+              steps_by_cluster: dict[str, int] | None = None) -> dict[str, list[dict]]:
+        """Train every cluster in turn; ``steps_by_cluster`` overrides ``config.steps`` per cluster."""
+        from dataclasses import replace
+
+        histories = {}
+        for name in self.clusters:
+            steps = (steps_by_cluster or {}).get(name, config.steps)
+            histories[name] = self.train_cluster(name, replace(config, steps=steps), batch_size, progress)
+        return histories
+
+    # --- inference ------------------------------------------------------------------------
+    def generate(self, task: str, inputs: Sequence[str] | str, cluster: str | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:
+        """Answers of ``task`` for raw ``inputs`` (filled into the task's instruction)."""
+        owner, task_id = self._route(task, cluster)
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        spec = owner.tasks[task_id]
+        requests = [(task_id, Example(text, "", task)) for text in inputs]
+        return generate_answers(self.model, self.tokenizer, owner.tasks, requests,
+                                max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[spec.metric],
+                                max_prompt_length=self._prompt_room())
+
+    def evaluate(self, tasks: Sequence[Task] | None = None, split: str = "test",
+                 limit: int | None = None, batch_size: int = 16) -> dict[str, dict]:
+        """Metrics of every task (or of ``tasks``, matched by name), each through its cluster."""
+        results = {}
+        wanted = {t.name: t for t in (tasks if tasks is not None else self.tasks)}
+        for cluster in self.clusters.values():
+            names = [t.name for t in cluster.tasks if t.name in wanted]
+            if names:
+                self.activate(cluster.name)
+                with_data = [wanted.get(t.name, t) for t in cluster.tasks]  # ids stay positions
+                results.update(evaluate_tasks(self.model, self.tokenizer, with_data, split, limit,
+                                              batch_size, self._prompt_room(), only=names))
+        unknown = sorted(set(wanted) - set(results))
+        if unknown:
+            self.cluster_of(unknown[0])  # raises the unknown-task error
+        return results
+
+    def _prompt_room(self) -> int:
+        """Prompt tokens at inference: the training budget minus room for a short answer."""
+        return self.max_length - 8
+
+    def merge(self, task: str) -> None:
+        """Fold ``task``'s update into the central model: single-task inference at base cost."""
+        owner, task_id = self._route(task, None)
+        owner.adapters.merge(task_id)
+
+    def unmerge(self) -> None:
+        if self.active is not None:
+            self.clusters[self.active].adapters.unmerge()
+
+    def num_trainable(self) -> int:
+        """Trainable parameters of all clusters together."""
+        return sum(c.adapters.num_trainable() for c in self.clusters.values())
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """``framework.json`` (central model *named*, tasks, clusters) + one adapter folder per cluster."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, cluster in self.clusters.items():
+            cluster.adapters.save(path / "clusters" / name)
+        meta = {
+            "format": "cgclora_lite.framework", "format_version": 1, "cgclora_lite_version": __version__,
+            "central_model": getattr(self.model, "name_or_path", None), "max_length": self.max_length,
+            "clusters": {n: {"tasks": [_task_definition(t) for t in c.tasks], "folder": f"clusters/{n}"}
+                         for n, c in self.clusters.items()},
+        }
+        (path / FRAMEWORK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path, model=None, tokenizer=None) -> "OnePlusN":
+        """Rebuild a saved framework on ``model`` (default: load the named central model).
+
+        Tasks come back with their definitions but no examples: pass tasks with data to
+        ``evaluate(tasks=...)``.
+        """
+        path = Path(path)
+        file = path / FRAMEWORK_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: {path} is not a saved 1+N framework")
+        meta = json.loads(file.read_text())
+        if model is None:
+            from .models import load_model
+
+            name = meta["central_model"]
+            if not name or name.startswith("tiny_model("):
+                raise ValueError(f"the central model {name!r} cannot be loaded by name: pass model= "
+                                 "and tokenizer=")
+            model, tokenizer = load_model(name)
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer along with the model")
+        framework = cls(model, tokenizer, meta["max_length"])
+        for name, spec in meta["clusters"].items():
+            framework._deactivate()
+            adapters = load_adapters(model, path / spec["folder"])
+            tasks = [Task(**definition) for definition in spec["tasks"]]
+            if [t.name for t in tasks] != list(adapters.tasks):
+                raise ValueError(f"cluster {name!r}: framework.json and the adapters disagree on tasks")
+            framework.clusters[name] = Cluster(name, tasks, adapters.config, adapters)
+            framework.active = name
+        return framework
