@@ -40,16 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = [t for names in DEFAULT_CLUSTERS.values() for t in names]
     run = commands.add_parser(
         "run", help="the 1+N experiment: CGC-LoRA against its baselines, with the seesaw table",
-        description="Train and compare the methods on the default offline tasks; write a run folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train and compare the methods on the default offline tasks; write a run "
+                    "folder and print the seesaw table. See README.md, 'Results'.")
     run.add_argument("--preset", choices=sorted(PRESETS), default=None,
                      help="sizes: tiny (random tiny model, seconds), cpu (two cores, under 20 "
                           "minutes), gpu (a Colab-class GPU). Default: gpu if CUDA is available, else cpu")
     run.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-                     help=f"methods to compare, from {', '.join(METHODS)}")
+                     help=f"methods to compare (default: all): {', '.join(METHODS)}")
     run.add_argument("--model", default=None,
                      help="a transformers causal LM name or folder instead of the preset's model "
-                          "(the embedded SmolLM2-135M-Instruct; 'tiny' for the random tiny model)")
+                          "(default: the embedded SmolLM2-135M-Instruct; 'tiny': the random tiny model)")
     run.add_argument("--tasks", nargs="+", choices=tasks, default=None, metavar="TASK",
                      help=f"a subset of the default tasks ({', '.join(tasks)}); default: all")
     run.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: the preset's)")

@@ -65,6 +65,10 @@ from .lora import AdaptedLinear, adapter_dtype, init_lora_A
 from .routing import TaskIds, TaskRouter, TaskRoutingError
 
 Ranks = Union[int, Sequence[int]]
+GATHER_ABOVE = 3
+"""A layer uses the gathered form when its total rank R exceeds this many times ``r_active``.
+Measured on 2 CPU cores (d=576): the dense form costs the same as the gathered one at R = 2-3 x
+r_active and more above (see docs/benchmarks.md)."""
 TargetSpec = Union[str, Sequence[str]]  # see CGCConfig.target_modules
 
 
@@ -350,9 +354,19 @@ class CGCLoRALinear(AdaptedLinear):
         own = own + torch.arange(config.n_specific)  # (T, K_s)
         visible = torch.cat([common, own], dim=1)  # (T, K_c + K_s)
         expert_of_column = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+        # Gathered form: task t's r_active columns, and for each the slot of its expert in visible.
+        visible_columns = torch.stack([
+            torch.cat([torch.arange(self.expert_slices[e].start, self.expert_slices[e].stop) for e in row])
+            for row in visible.tolist()
+        ])  # (T, r_active)
+        visible_ranks = torch.tensor(list(config.common_ranks) + list(config.specific_ranks))
+        slot_of_column = torch.repeat_interleave(torch.arange(n_visible), visible_ranks)  # (r_active,)
         device = base.weight.device
         self.register_buffer("visible_experts", visible.to(device), persistent=False)
         self.register_buffer("expert_of_column", expert_of_column.to(device), persistent=False)
+        self.register_buffer("visible_columns", visible_columns.to(device), persistent=False)
+        self.register_buffer("slot_of_column", slot_of_column.to(device), persistent=False)
+        self.gathered = total_rank > GATHER_ABOVE * config.r_active
 
         kw = dict(device=device, dtype=adapter_dtype(config.adapter_dtype, base))
         self.lora_A = nn.Parameter(torch.empty(total_rank, self.in_features, **kw))  # (R, d_in)
@@ -403,6 +417,10 @@ class CGCLoRALinear(AdaptedLinear):
         """``c[t, col] = s * w_{t, expert(col)}``: the gate moved to rank space, (T, R), fp32."""
         return self.scaling * self.expert_weights()[:, self.expert_of_column]  # (T, R)
 
+    def visible_coefficients(self) -> torch.Tensor:
+        """``rank_coefficients`` on each task's own columns ``visible_columns``: (T, r_active)."""
+        return self.scaling * self.visible_weights()[:, self.slot_of_column]  # (T, r_active)
+
     # --- forward ------------------------------------------------------------------------------
     def _task_ids(self, task_ids: TaskIds | None, x: torch.Tensor) -> torch.Tensor:
         """The (B,) task ids for input x (B, ..., d_in): given explicitly, else the router's."""
@@ -429,22 +447,39 @@ class CGCLoRALinear(AdaptedLinear):
             )
         return ids
 
+    def _coefficients(self, task_ids: TaskIds | None, x: torch.Tensor):
+        """Per-sample rank coefficients c (B, R), or (1, R) when every sample is the same; in the
+        gathered form c (B, r_active) and the columns they scale, ``cols`` (B, r_active)."""
+        if not self.config.needs_task_ids:
+            return self.lora_A.new_full((1, self.lora_A.shape[0]), self.scaling), None  # (1, R)
+        ids = self._task_ids(task_ids, x)  # (B,)
+        if self.gathered:
+            return self.visible_coefficients()[ids], self.visible_columns[ids]  # (B, r), (B, r)
+        return self.rank_coefficients()[ids], None  # (B, R)
+
     def forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
-        """x (B, ..., d_in) -> (B, ..., d_out). Two GEMMs whatever the number of experts."""
-        h = self.base(x)  # (B, ..., d_out)
+        """x (B, ..., d_in) -> (B, ..., d_out): the base product and two adapter products, fused.
+
+        All products run in the dtype the base product runs in (autocast's if it is on, else x's):
+        the small adapter tensors are cast to it, never the input.
+        """
         if not self.router.enabled:
-            return h
+            return self.base(x)
         if self.merged:
             self._check_merged_task(task_ids)
-            return h
-        u = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (B, ..., R)
-        if self.config.needs_task_ids:
-            ids = self._task_ids(task_ids, x)
-            coef = self.rank_coefficients()[ids].to(u.dtype)  # (B, R)
-            u = u * coef.view(coef.shape[0], *([1] * (u.dim() - 2)), -1)  # (B, ..., R)
-        else:
-            u = u * self.scaling
-        return h + F.linear(u, self.lora_B).to(h.dtype)  # (B, ..., d_out)
+            return self.base(x)
+        coef, cols = self._coefficients(task_ids, x)  # (B or 1, R) / (B, r)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x3 = x.reshape(coef.shape[0], -1, self.in_features).to(dtype)  # (B, L, d_in)
+        p = self.config.dropout if self.training else 0.0
+        mask = torch.empty_like(x3, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
+        out = FusedCGCLoRA.apply(
+            x3, self.base.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
+            coef.to(dtype), cols, mask, p,
+        )  # (B, L, d_out)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
         """The same function as ``forward``, written as the per-expert loop of the equation.
