@@ -3,12 +3,16 @@
   python -m cgclora_lite run                      # the 1+N experiment, preset chosen for this machine
   python -m cgclora_lite run --preset tiny        # a seconds-long smoke run on a tiny random model
   python -m cgclora_lite run --methods lora cgc-1+n --steps 100 --out runs/mine
+  python -m cgclora_lite export --run runs/mine --task sentiment --format peft --out sentiment_lora
 
 `run` trains CGC-LoRA in the 1+N pattern (one set of adapters per cluster of related tasks) and
 its baselines (one LoRA for all tasks, one LoRA per task, MOELoRA, CGC-LoRA over all tasks) on the
 same data and budget, scores every task, and writes a run folder: config.json, metrics.json,
 results.md (the seesaw table, also printed) and PNG figures. Everything runs offline on the
 embedded SmolLM2-135M-Instruct and the default tasks.
+
+`export` takes one task of a trained run and writes it as a plain peft LoRA adapter folder or as a
+merged transformers model folder, either of which serves that task without cgclora_lite.
 """
 
 from __future__ import annotations
@@ -31,6 +35,22 @@ def _run(args: argparse.Namespace) -> None:
     if args.seed is not None:
         preset = replace(preset, seed=args.seed)
     run_experiment(preset, args.methods, args.model, args.tasks, args.out, progress=not args.quiet)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .framework import OnePlusN
+
+    folder = Path(args.run) / "adapters" / args.method
+    if not folder.is_dir():
+        found = sorted(p.name for p in (Path(args.run) / "adapters").glob("*"))
+        raise SystemExit(f"{folder} not found: the run {args.run} saved adapters for {found or 'no method'}")
+    framework = OnePlusN.load(folder)
+    path = framework.export(args.task, args.out, args.format)
+    how = ("peft.PeftModel.from_pretrained(base_model, folder)" if args.format == "peft"
+           else "transformers.AutoModelForCausalLM.from_pretrained(folder)")
+    print(f"exported task {args.task!r} of {args.method} ({args.format}) to {path}; load it with {how}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<date>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
+
+    export = commands.add_parser(
+        "export", help="write one task of a trained run as a peft LoRA or a merged model",
+        description="Export one task of a trained run (a folder written by `run`).")
+    export.add_argument("--run", required=True, help="the run folder written by `run`")
+    export.add_argument("--task", required=True, help="the task to export, e.g. sentiment")
+    export.add_argument("--method", default="cgc-1+n", choices=METHODS,
+                        help="which trained method's adapters (default: cgc-1+n)")
+    export.add_argument("--format", default="peft", choices=["peft", "merged"],
+                        help="peft: adapter_config.json + adapter_model.safetensors for "
+                             "PeftModel.from_pretrained; merged: a full transformers model folder "
+                             "(default: peft)")
+    export.add_argument("--out", required=True, help="output folder")
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -124,8 +124,11 @@ def provenance(model, preset: Preset) -> dict:
 
 
 def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
-               progress: bool = True) -> dict:
-    """Train one method from fresh adapters and evaluate every task; detach its adapters after."""
+               progress: bool = True, save_to: Path | None = None) -> dict:
+    """Train one method from fresh adapters and evaluate every task; detach its adapters after.
+
+    With ``save_to``, the trained framework is saved there (``OnePlusN.load`` reads it back).
+    """
     torch.manual_seed(preset.seed)
     framework = OnePlusN(model, tokenizer, preset.max_length)
     clusters = method_clusters(method, tasks)
@@ -149,6 +152,8 @@ def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pre
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "scores": scores, "history": histories, "gates": gates,
     }
+    if save_to is not None:
+        framework.save(save_to)
     framework._deactivate()
     return result
 
@@ -206,8 +211,9 @@ def run_experiment(preset: Preset, methods: Sequence[str] = METHODS, model_name:
                    progress: bool = True) -> dict:
     """Run the experiment and write its run folder; return the metrics dict.
 
-    The folder holds ``config.json``, ``metrics.json``, ``results.md`` and PNG figures
-    (``scores.png``, ``training_curves.png``, ``gates_<method>_<cluster>.png``).
+    The folder holds ``config.json``, ``metrics.json``, ``results.md``, PNG figures
+    (``scores.png``, ``training_curves.png``, ``gates_<method>_<cluster>.png``) and each method's
+    trained adapters under ``adapters/<method>/`` (a saved ``OnePlusN``: see ``export``).
     """
     from . import viz
     from .models import load_model, load_tokenizer, tiny_model
@@ -242,7 +248,8 @@ def run_experiment(preset: Preset, methods: Sequence[str] = METHODS, model_name:
     for method in methods:
         clusters = {n: [t.name for t in m] for n, m in method_clusters(method, tasks).items()}
         print(f"\n== {method}: clusters {clusters}", flush=True)
-        results[method] = run_method(method, model, tokenizer, tasks, preset, progress)
+        results[method] = run_method(method, model, tokenizer, tasks, preset, progress,
+                                     save_to=out / "adapters" / method)
 
     table = seesaw_table({m: {t: s["score"] for t, s in r["scores"].items()} for m, r in results.items()},
                          {m: r["trainable_parameters"] for m, r in results.items()},

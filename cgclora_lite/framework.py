@@ -18,6 +18,7 @@ without copying anything.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -201,6 +202,20 @@ class OnePlusN:
         if self.active is not None:
             self.clusters[self.active].adapters.unmerge()
 
+    def export(self, task: str, path, format: str = "peft") -> Path:
+        """Export ``task`` as a ``"peft"`` LoRA adapter folder or a ``"merged"`` model folder.
+
+        See ``export.py``: both serve exactly this task of its cluster, without cgclora_lite.
+        """
+        from .export import export_merged, export_peft
+
+        owner, _ = self._route(task, None)
+        if format == "peft":
+            return export_peft(owner.adapters, task, path)
+        if format == "merged":
+            return export_merged(owner.adapters, task, path, self.tokenizer)
+        raise ValueError(f"format must be 'peft' or 'merged', got {format!r}")
+
     def num_trainable(self) -> int:
         """Trainable parameters of all clusters together."""
         return sum(c.adapters.num_trainable() for c in self.clusters.values())
@@ -234,13 +249,16 @@ class OnePlusN:
             raise FileNotFoundError(f"{file} not found: {path} is not a saved 1+N framework")
         meta = json.loads(file.read_text())
         if model is None:
-            from .models import load_model
+            from .models import load_model, load_tokenizer, tiny_model
 
             name = meta["central_model"]
-            if not name or name.startswith("tiny_model("):
-                raise ValueError(f"the central model {name!r} cannot be loaded by name: pass model= "
-                                 "and tokenizer=")
-            model, tokenizer = load_model(name)
+            tiny = re.fullmatch(r"tiny_model\(seed=(\d+)\)", name or "")
+            if tiny:  # rebuilt bit for bit from its seed, with the embedded tokenizer
+                model, tokenizer = tiny_model(int(tiny.group(1))), load_tokenizer()
+            elif not name:
+                raise ValueError("the central model has no name: pass model= and tokenizer=")
+            else:
+                model, tokenizer = load_model(name)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer along with the model")
         framework = cls(model, tokenizer, meta["max_length"])

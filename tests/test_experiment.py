@@ -62,6 +62,34 @@ def test_run_tiny_preset_writes_every_output(tmp_path, capsys):
     assert "| method |" in capsys.readouterr().out  # the table is printed
 
 
+def test_export_a_task_of_a_tiny_run(tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cgclora_lite.framework import OnePlusN
+    from cgclora_lite.models import tiny_model
+
+    run = tmp_path / "run"
+    main(["run", "--preset", "tiny", "--methods", "cgc-1+n", "--out", str(run), "--quiet"])
+    assert main(["export", "--run", str(run), "--task", "sentiment", "--out", str(tmp_path / "p")]) == 0
+    assert main(["export", "--run", str(run), "--task", "trivia", "--format", "merged",
+                 "--out", str(tmp_path / "m")]) == 0
+    assert "PeftModel.from_pretrained" in capsys.readouterr().out
+    framework = OnePlusN.load(run / "adapters" / "cgc-1+n")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    framework.activate("classify")
+    expected = framework.model(ids, task_ids=["sentiment"]).logits
+    peft_model = PeftModel.from_pretrained(tiny_model(seed=0), tmp_path / "p")
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    framework.activate("generate")
+    expected = framework.model(ids, task_ids=["trivia"]).logits
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit, match="saved adapters for \\['cgc-1\\+n'\\]"):
+        main(["export", "--run", str(run), "--method", "lora", "--task", "topic", "--out", str(tmp_path / "x")])
+
+
 def test_run_rejects_unknown_tasks(tmp_path):
     with pytest.raises(SystemExit):
         main(["run", "--preset", "tiny", "--tasks", "summary", "--out", str(tmp_path)])
