@@ -109,11 +109,26 @@ def split_steps(steps: int, clusters: dict[str, list[Task]]) -> dict[str, int]:
     return shares
 
 
+def git_commit() -> str | None:
+    """The commit of the cgclora_lite checkout in use (with "+dirty" if changed), if it is one."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cgclora_lite"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def provenance(model, preset: Preset) -> dict:
     import transformers
 
     return {
-        "cgclora_lite": __version__, "torch": torch.__version__,
+        "cgclora_lite": __version__, "git_commit": git_commit(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "model": getattr(model, "name_or_path", None), "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -200,7 +215,8 @@ def results_markdown(table: pd.DataFrame, tasks: Sequence[Task], prov: dict, pre
         f"{preset.train} training and {preset.test} test examples per task, prompts of at most "
         f"{preset.max_length} tokens, active rank {preset.r_active} for every method, lr {preset.lr}. "
         f"Model {prov['model']} ({prov['dtype']}) on {prov['device']}; torch {prov['torch']}, "
-        f"transformers {prov['transformers']}, cgclora_lite {prov['cgclora_lite']}; seed {prov['seed']}; "
+        f"transformers {prov['transformers']}, cgclora_lite {prov['cgclora_lite']} (commit "
+        f"{prov['git_commit']}); seed {prov['seed']}; "
         f"{prov['date']}.\n"
     )
     return "\n".join(rows) + "\n" + notes
