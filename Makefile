@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test test-fast test-slow lab clean
+.PHONY: setup demo test test-fast test-slow test-notebooks lab clean
 
 setup: $(STAMP)
 
@@ -22,14 +22,22 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m cgclora_lite run
 
+# The notebooks run under nbval in fast mode (CGCLORA_FAST=1: smaller data, same cells) and are
+# compared with the fast-mode outputs stored in them; see notebooks/README.md.
+NBVAL := CGCLORA_FAST=1 $(BIN)/python -m pytest --nbval --nbval-current-env notebooks/
+
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+	$(NBVAL)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest tests -m slow
+
+test-notebooks: $(STAMP)
+	$(NBVAL)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: peft)")
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(handler=_export)
+
+    from . import bench
+
+    bench.add_parser(commands)
     return parser
 
 

@@ -67,9 +67,9 @@ from .routing import TaskIds, TaskRouter, TaskRoutingError
 Ranks = Union[int, Sequence[int]]
 GATHER_ABOVE = 2
 """A layer uses the gathered form when its total rank R exceeds this many times ``r_active``.
-Measured on a CPU core (d=576, 8 x 64 tokens, r_active 16): training steps cost the same in both
-forms at R = 1.5 x r_active; at 2.5 x the dense form is 4% slower, at 4.5 x 12% (docs/benchmarks.md).
-Set ``layer.gathered`` to choose by hand."""
+Measured on one CPU core (d=576, 8 x 64 tokens, r_active 16, training steps): at R = 1.5 x r_active
+the dense form is 1% faster, at 2.5 x 5% slower, at 4.5 x 14% slower; the gathered form stays within
+4% of a plain LoRA of rank r_active (docs/benchmarks.md). Set ``layer.gathered`` to choose by hand."""
 TargetSpec = Union[str, Sequence[str]]  # see CGCConfig.target_modules
 
 
@@ -259,25 +259,27 @@ def _rank_grad(t: torch.Tensor, y: torch.Tensor, M: torch.Tensor, cols: torch.Te
 class FusedCGCLoRA(torch.autograd.Function):
     """A frozen linear layer plus a rank-space-gated LoRA update, as one autograd node.
 
-        out = x W0^T + b + v B^T,   v = u * c,   u = x_d A^T,   x_d = x * m / (1 - p)
+        out = x W0^T + b + v B^T,   v = u * c / (1 - p),   u = (x * m) A^T
 
+    i.e. the LoRA of dropout(x) = x * m / (1 - p), with the dropout scale applied in rank space.
     Shapes: x (B, L, d_in); W0 (d_out, d_in); b (d_out,) or None; A (R, d_in); B (d_out, R);
-    m (B, L, d_in) bool keep-mask, or None for no dropout; out (B, L, d_out). Two forms:
+    m (B, L, d_in) bool keep-mask, or None for no dropout (then p = 0); out (B, L, d_out).
+    Two forms:
 
     * dense (``cols`` None): c (B, R) or (1, R); every sample uses all R columns, with zero
       coefficients on the ones its task may not use;
     * gathered (``cols`` (B, r), the columns sample b uses): c (B, r); sample b multiplies by its
       own rows ``A[cols_b]`` (r, d_in) and columns ``B[:, cols_b]`` (batched products).
 
-    Backward, with g = dL/dout (B, L, d_out):
+    Backward, with g = dL/dout (B, L, d_out) and k = 1 / (1 - p):
 
-        gv = g B;  dB = g^T v;  dc = sum over L of gv * u;  gu = gv * c;  dA = gu^T x_d;
-        dx = g W0 + (gu A) * m / (1 - p)
+        gv = g B;  dB = g^T v;  dc = k * sum over L of gv * u;  gu = k * gv * c;
+        dA = gu^T (x * m);  dx = g W0 + (gu A) * m
 
-    Saved: x (needed for dA in any LoRA), the bool mask, u (rank space) and c. Not saved: x_d,
-    v (recomputed in rank space) or the update. The update is accumulated into the base output
-    in place and the adapter's input gradient into the base's, so neither a (B, L, d_out) update
-    nor a second (B, L, d_in) input gradient is ever materialised.
+    Saved: x (needed for dA in any LoRA), the bool mask, u (rank space) and c. Not saved: x * m,
+    v (both recomputed) or the update. The update is accumulated into the base output in place
+    and the adapter's input gradient into the base's, so neither a (B, L, d_out) update nor a
+    second (B, L, d_in) input gradient is ever materialised.
 
     All floating tensors come in one dtype (the caller casts the small adapter tensors, never x).
     The base weight and bias get gradients only if they require them (a frozen base gets none).
@@ -285,9 +287,9 @@ class FusedCGCLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, c, cols, mask, p: float):
-        xd = x if mask is None else x * mask / (1 - p)  # (B, L, d_in)
-        u = _to_rank(xd, A, cols)  # (B, L, R)
-        v = u * c.unsqueeze(1)  # (B, L, R): the gate, in rank space
+        xm = x if mask is None else x * mask  # (B, L, d_in)
+        u = _to_rank(xm, A, cols)  # (B, L, R)
+        v = u * (c / (1 - p)).unsqueeze(1)  # (B, L, R): gate and dropout scale, in rank space
         out = _from_rank(v, B.T, cols, out=F.linear(x, weight, bias))  # (B, L, d_out)
         ctx.save_for_backward(x, weight, A, B, c, cols, mask, u)
         ctx.p = p
@@ -296,18 +298,19 @@ class FusedCGCLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, A, B, c, cols, mask, u = ctx.saved_tensors
-        p, need = ctx.p, ctx.needs_input_grad
-        xd = x if mask is None else x * mask / (1 - p)  # (B, L, d_in)
+        k, need = 1 / (1 - ctx.p), ctx.needs_input_grad
+        ck = (c * k).unsqueeze(1)  # (B, 1, R)
+        xm = x if mask is None else x * mask  # (B, L, d_in)
         gv = _to_rank(g, B.T, cols)  # (B, L, R)
-        dB = _rank_grad(u * c.unsqueeze(1), g, B.T, cols).T  # (d_out, R)
-        dc = (gv * u).sum(1) if need[5] else None  # (B, R)
-        gu = gv * c.unsqueeze(1)  # (B, L, R)
-        dA = _rank_grad(gu, xd, A, cols)  # (R, d_in)
+        dB = _rank_grad(u * ck, g, B.T, cols).T  # (d_out, R)
+        dc = (gv * u).sum(1) * k if need[5] else None  # (B, R)
+        gu = gv * ck  # (B, L, R)
+        dA = _rank_grad(gu, xm, A, cols)  # (R, d_in)
         dx = g @ weight  # (B, L, d_in)
         if mask is None:
             _from_rank(gu, A, cols, out=dx)
         else:
-            dx.addcmul_(_from_rank(gu, A, cols), mask, value=1 / (1 - p))
+            dx.addcmul_(_from_rank(gu, A, cols), mask)
         dW = g.flatten(0, 1).T @ x.flatten(0, 1) if need[1] else None  # (d_out, d_in)
         db = g.sum((0, 1)) if need[2] else None  # (d_out,)
         return dx, dW, db, dA, dB, dc, None, None, None
@@ -326,6 +329,8 @@ class CGCLoRALinear(AdaptedLinear):
 
     Parameters: ``lora_A`` (R, d_in) and ``lora_B`` (d_out, R), R = sum(common ranks) +
     T * sum(specific ranks); rows/columns are grouped by expert in ``expert_names`` order.
+    ``gathered``: whether ``forward`` uses the gathered rank layout (default: when
+    R > ``GATHER_ABOVE`` * r_active); both layouts compute the same function.
     """
 
     def __init__(
@@ -458,10 +463,12 @@ class CGCLoRALinear(AdaptedLinear):
         return self.rank_coefficients()[ids], None  # (B, R)
 
     def forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
-        """x (B, ..., d_in) -> (B, ..., d_out): the base product and two adapter products, fused.
+        """x (B, ..., d_in) -> (B, ..., d_out) through ``FusedCGCLoRA``: the base product and the
+        two adapter products in one autograd node, the gate applied in rank space.
 
         All products run in the dtype the base product runs in (autocast's if it is on, else x's):
-        the small adapter tensors are cast to it, never the input.
+        the small adapter tensors are cast to it, never the input. In training, dropout draws a
+        bool keep-mask here (the distribution of ``nn.Dropout``, which ``reference_forward`` uses).
         """
         if not self.router.enabled:
             return self.base(x)
@@ -475,7 +482,8 @@ class CGCLoRALinear(AdaptedLinear):
         tokens = x.shape[:-1].numel() // max(rows, 1)  # L: all positions of a sample
         x3 = x.reshape(rows, tokens, self.in_features).to(dtype)  # (B, L, d_in)
         p = self.config.dropout if self.training else 0.0
-        mask = torch.empty_like(x3, dtype=torch.bool).bernoulli_(1 - p) if p > 0 else None
+        # keep-mask, P(keep) = 1 - p; on a CPU, uniform-and-compare is 3x faster than bernoulli_
+        mask = torch.rand(x3.shape, device=x3.device) >= p if p > 0 else None  # (B, L, d_in) bool
         bias = None if self.base.bias is None else self.base.bias.to(dtype)
         out = FusedCGCLoRA.apply(
             x3, self.base.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
