@@ -132,6 +132,10 @@ class CGCAdapters:
             name: CGCLoRALinear(model.get_submodule(name), self.router, config, self.shared_gate)
             for name in targets
         }
+        for layer in self.layers.values():  # new modules start in training mode: follow the model
+            layer.train(model.training)
+        if self.shared_gate is not None:
+            self.shared_gate.train(model.training)
         self._hooks: list = []
         self._routes: list = []  # one entry per forward call in progress (nested calls stack)
         self.attach()

@@ -68,6 +68,7 @@ def gate_heatmap(gates: GateWeights, layer: str | int | None = None,
     sns.heatmap(frame, mask=~usable, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis",
                 cbar_kws={"label": "gate weight"}, ax=ax)
     ax.set(xlabel="expert", ylabel="task", title=title or f"Gate weights ({where})")
+    ax.grid(False)  # a whitegrid style would draw lines over the blank cells
     ax.tick_params(axis="x", rotation=35)
     ax.tick_params(axis="y", rotation=0)
     plt.setp(ax.get_xticklabels(), ha="right")

@@ -23,6 +23,14 @@ def test_identity_at_injection(tiny, batch):
     assert attached_adapters(tiny) is adapters
 
 
+def test_adapters_follow_the_models_mode(tiny, batch):
+    """With dropout, an adapter injected into a model in eval mode must not drop anything."""
+    adapters = inject(tiny, CGCConfig(dropout=0.5), TASKS)
+    randomize(adapters)
+    assert not any(layer.training for layer in adapters.layers.values())
+    assert torch.equal(tiny(batch, task_ids=MIXED).logits, tiny(batch, task_ids=MIXED).logits)
+
+
 def test_all_linear_targets_every_projection_but_not_the_head(tiny):
     adapters = inject(tiny, CGCConfig(), TASKS)
     suffixes = {n.rsplit(".", 1)[-1] for n in adapters.layers}
