@@ -8,21 +8,15 @@ from torch import nn
 from cgclora_lite import CGCConfig, CGCLoRALinear, inject
 from cgclora_lite.cgc import GATHER_ABOVE, FusedCGCLoRA
 
+from test_cgc import make as make_layer, rel_err  # noqa: E402
+
 TASKS = ["a", "b", "c", "d", "e"]
 IDS = torch.tensor([4, 0, 2, 2, 1, 3])  # a mixed-task batch of 6
 
 
-def make(config, tasks=TASKS, d_in=16, d_out=12):
-    layer = CGCLoRALinear(nn.Linear(d_in, d_out), tasks, config)
-    with torch.no_grad():
-        layer.lora_B.normal_()
-        if layer.gate is not None:
-            layer.gate.proj.weight.normal_()
-    return layer
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+def make(config, tasks=TASKS, **kw):
+    """test_cgc's randomized layer, over this file's five tasks by default."""
+    return make_layer(config, tasks=tasks, **kw)
 
 
 @pytest.mark.parametrize("gathered", [False, True])
