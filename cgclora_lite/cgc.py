@@ -216,9 +216,27 @@ class TaskGate(nn.Module):
         self.task_embedding = nn.Embedding(n_tasks, dim, device=device, dtype=dtype)  # (T, D)
         self.proj = nn.Linear(dim, n_experts, bias=False, device=device, dtype=dtype)  # G
         nn.init.zeros_(self.proj.weight)
+        self.added = nn.ParameterList()  # one (1, D) embedding per task added later (add_task)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.task_embedding.num_embeddings + len(self.added)
+
+    def add_task(self) -> nn.Parameter:
+        """A new task's embedding e_new (1, D), drawn like nn.Embedding's rows (N(0, 1)).
+
+        It is kept apart from ``task_embedding`` so the rows of the existing tasks are computed
+        exactly as before (bit for bit): the added rows go through G one by one.
+        """
+        w = self.task_embedding.weight
+        embedding = nn.Parameter(torch.randn(1, w.shape[1], device=w.device).to(w.dtype))  # (1, D)
+        self.added.append(embedding)
+        return embedding
 
     def forward(self) -> torch.Tensor:
         logits = self.proj(self.task_embedding.weight)  # (T, K_c + K_s)
+        if len(self.added):
+            logits = torch.cat([logits] + [self.proj(e) for e in self.added])  # (T + added, K)
         return logits.float().softmax(dim=-1)
 
 
@@ -347,38 +365,20 @@ class CGCLoRALinear(AdaptedLinear):
         self.config = config
         n_tasks, n_visible = len(self.router.tasks), config.n_common + config.n_specific
         self.scaling = config.scaling
-
-        # Expert e occupies rank columns [start_e, start_e + r_e) of A_cat / B_cat.
-        ranks = list(config.common_ranks) + list(config.specific_ranks) * n_tasks
-        bounds = torch.tensor([0] + ranks).cumsum(0)
-        self.expert_slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        total_rank = int(bounds[-1])
-
-        # visible[t, v] = the storage index of the v-th expert task t may use (commons, then own).
-        common = torch.arange(config.n_common).expand(n_tasks, -1)  # (T, K_c)
-        own = config.n_common + config.n_specific * torch.arange(n_tasks)[:, None]  # (T, 1)
-        own = own + torch.arange(config.n_specific)  # (T, K_s)
-        visible = torch.cat([common, own], dim=1)  # (T, K_c + K_s)
-        expert_of_column = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
-        # Gathered form: task t's r_active columns, and for each the slot of its expert in visible.
-        columns = [torch.arange(sl.start, sl.stop) for sl in self.expert_slices]
-        visible_columns = torch.stack([torch.cat([columns[e] for e in row]) for row in visible.tolist()])
-        # visible_columns: (T, r_active)
-        visible_ranks = torch.tensor(list(config.common_ranks) + list(config.specific_ranks))
-        slot_of_column = torch.repeat_interleave(torch.arange(n_visible), visible_ranks)  # (r_active,)
-        device = base.weight.device
-        self.register_buffer("visible_experts", visible.to(device), persistent=False)
-        self.register_buffer("expert_of_column", expert_of_column.to(device), persistent=False)
-        self.register_buffer("visible_columns", visible_columns.to(device), persistent=False)
-        self.register_buffer("slot_of_column", slot_of_column.to(device), persistent=False)
+        self.n_base_tasks = n_tasks  # tasks stored in lora_A / lora_B; later ones: add_task
+        self.n_added = 0  # tasks added later (each with a block of its own if K_s > 0)
+        self._build_index(base.weight.device)
+        total_rank = self.expert_slices[-1].stop
         self.gathered = total_rank > GATHER_ABOVE * config.r_active
 
-        kw = dict(device=device, dtype=adapter_dtype(config.adapter_dtype, base))
+        kw = dict(device=base.weight.device, dtype=adapter_dtype(config.adapter_dtype, base))
         self.lora_A = nn.Parameter(torch.empty(total_rank, self.in_features, **kw))  # (R, d_in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, total_rank, **kw))  # (d_out, R)
         for sl in self.expert_slices:  # per expert, so "gaussian" uses each expert's own rank
             init_lora_A(self.lora_A.data[sl], config.init)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.added_A = nn.ParameterList()  # per task added later: (K_s ranks, d_in)
+        self.added_B = nn.ParameterList()  # per task added later: (d_out, K_s ranks)
 
         self.gate: TaskGate | None = None  # registered only when this layer owns its gate
         if config.gate == "task" and gate is None:
@@ -392,6 +392,39 @@ class CGCLoRALinear(AdaptedLinear):
                     f"{gate.proj.out_features} experts; this layer needs {n_tasks} and {n_visible}"
                 )
         object.__setattr__(self, "_shared_gate", gate if self.gate is None else None)
+
+    def _build_index(self, device) -> None:
+        """Where every expert lives, for the router's current tasks (run again by ``add_task``).
+
+        Storage order: common experts, then each task's specific experts in task order. Expert e
+        occupies rank columns ``expert_slices[e]`` of ``[lora_A; added_A...]`` (rows) and
+        ``[lora_B, added_B...]`` (columns); tasks added later come last, so nothing moves.
+        """
+        config, n_tasks = self.config, len(self.router.tasks)
+        ranks = list(config.common_ranks) + list(config.specific_ranks) * n_tasks
+        bounds = torch.tensor([0] + ranks).cumsum(0)
+        self.expert_slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        # visible[t, v] = the storage index of the v-th expert task t may use (commons, then own).
+        common = torch.arange(config.n_common).expand(n_tasks, -1)  # (T, K_c)
+        own = config.n_common + config.n_specific * torch.arange(n_tasks)[:, None]  # (T, 1)
+        own = own + torch.arange(config.n_specific)  # (T, K_s)
+        visible = torch.cat([common, own], dim=1)  # (T, K_c + K_s)
+        expert_of_column = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+        # Gathered form: task t's r_active columns, and for each the slot of its expert in visible.
+        columns = [torch.arange(sl.start, sl.stop) for sl in self.expert_slices]
+        visible_columns = torch.stack([torch.cat([columns[e] for e in row]) for row in visible.tolist()])
+        # visible_columns: (T, r_active)
+        visible_ranks = torch.tensor(list(config.common_ranks) + list(config.specific_ranks))
+        slot_of_column = torch.repeat_interleave(torch.arange(visible.shape[1]), visible_ranks)  # (r_active,)
+        # Columns of a task added later that lie outside lora_A point at column 0 with a zero
+        # coefficient in the stored block (their own block adds them).
+        stored = self.n_base_tasks * sum(config.specific_ranks) + sum(config.common_ranks)
+        in_stored = visible_columns < stored  # (T, r_active)
+        self.register_buffer("visible_experts", visible.to(device), persistent=False)
+        self.register_buffer("expert_of_column", expert_of_column.to(device), persistent=False)
+        self.register_buffer("visible_columns", (visible_columns * in_stored).to(device), persistent=False)
+        self.register_buffer("in_stored", in_stored.to(device), persistent=False)
+        self.register_buffer("slot_of_column", slot_of_column.to(device), persistent=False)
 
     # --- gate weights -------------------------------------------------------------------------
     @property
@@ -454,13 +487,24 @@ class CGCLoRALinear(AdaptedLinear):
 
     def _coefficients(self, task_ids: TaskIds | None, x: torch.Tensor):
         """Per-sample rank coefficients c (B, R), or (1, R) when every sample is the same; in the
-        gathered form c (B, r_active) and the columns they scale, ``cols`` (B, r_active)."""
+        gathered form c (B, r_active) and the columns they scale, ``cols`` (B, r_active). Then the
+        per-sample coefficients of each added task's block, (B, K_s ranks) each (empty list if
+        no task was added), and the ids (B,) or None."""
         if not self.config.needs_task_ids:
-            return self.lora_A.new_full((1, self.lora_A.shape[0]), self.scaling), None  # (1, R)
+            return self.lora_A.new_full((1, self.lora_A.shape[0]), self.scaling), None, [], None
         ids = self._task_ids(task_ids, x)  # (B,)
+        stored = self.lora_A.shape[0]
+        added = []
+        if len(self.added_A):
+            full = self.rank_coefficients()[ids]  # (B, R_all): zero where a sample's task has no access
+            added = [full[:, stored + k * self._block: stored + (k + 1) * self._block]
+                     for k in range(len(self.added_A))]  # (B, K_s ranks) each
         if self.gathered:
-            return self.visible_coefficients()[ids], self.visible_columns[ids]  # (B, r), (B, r)
-        return self.rank_coefficients()[ids], None  # (B, R)
+            coef = self.visible_coefficients()[ids]  # (B, r)
+            if len(self.added_A):  # an added task's own columns are not in lora_A: zero here
+                coef = torch.where(self.in_stored[ids], coef, 0.0)
+            return coef, self.visible_columns[ids], added, ids  # (B, r), (B, r)
+        return self.rank_coefficients()[ids, :stored], None, added, ids  # (B, R)
 
     def forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
         """x (B, ..., d_in) -> (B, ..., d_out) through ``FusedCGCLoRA``: the base product and the
@@ -475,7 +519,7 @@ class CGCLoRALinear(AdaptedLinear):
         if self.merged:
             self._check_merged_task(task_ids)
             return self.base(x)
-        coef, cols = self._coefficients(task_ids, x)  # (B or 1, R) / (B, r)
+        coef, cols, added, _ = self._coefficients(task_ids, x)  # (B or 1, R) / (B, r)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rows = coef.shape[0]  # B, or 1 when all samples are alike
@@ -489,6 +533,11 @@ class CGCLoRALinear(AdaptedLinear):
             x3, self.base.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
             coef.to(dtype), cols, mask, p,
         )  # (B, L, d_out)
+        if added:  # tasks added later: one small LoRA product per task, zero for other samples
+            xa = x3 if mask is None else x3 * mask / (1 - p)  # (B, L, d_in)
+            for A, B, c in zip(self.added_A, self.added_B, added):
+                u = (xa @ A.to(dtype).T) * c.to(dtype).unsqueeze(1)  # (B, L, K_s ranks)
+                out = out + u @ B.to(dtype).T  # (B, L, d_out)
         return out.view(*x.shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
@@ -503,8 +552,9 @@ class CGCLoRALinear(AdaptedLinear):
         else:
             per_sample = torch.ones(x.shape[0], len(self.expert_slices), device=x.device)
         delta = 0
+        A, B = self.factors()  # (R_all, d_in), (d_out, R_all)
         for e, sl in enumerate(self.expert_slices):
-            y_e = xd @ self.lora_A[sl].T @ self.lora_B[:, sl].T  # (B, ..., d_out): expert e alone
+            y_e = xd @ A[sl].T @ B[:, sl].T  # (B, ..., d_out): expert e alone
             w_e = self.scaling * per_sample[:, e].to(y_e.dtype)  # (B,)
             delta = delta + w_e.view(-1, *([1] * (y_e.dim() - 1))) * y_e
         return h + delta.to(h.dtype)
@@ -521,10 +571,10 @@ class CGCLoRALinear(AdaptedLinear):
         return self.router.task_index(task)
 
     def delta_weight(self, task: str | int | None = None) -> torch.Tensor:
-        """``dW_t = B_cat diag(c_t) A_cat`` in fp32, shape (d_out, d_in)."""
-        t = self._key(task)
-        coef = self.rank_coefficients()[0 if t is None else t]  # (R,)
-        return (self.lora_B.float() * coef) @ self.lora_A.float()  # (d_out, d_in)
+        """``dW_t = B_cat diag(c_t) A_cat`` in fp32, shape (d_out, d_in), computed over the task's
+        own r_active columns only (``export_factors``), so it does not change when tasks are added."""
+        A, B = self.export_factors(task)  # (r_active, d_in), (d_out, r_active)
+        return B @ A  # (d_out, d_in)
 
     def merge(self, task: str | int | None = None) -> None:
         """Fold task ``task``'s update into ``W0`` (see ``AdaptedLinear.merge``)."""
@@ -557,12 +607,62 @@ class CGCLoRALinear(AdaptedLinear):
         """
         t = self._key(task)
         t = 0 if t is None else t
-        coef = self.rank_coefficients()[t]  # (R,)
+        coef = self.rank_coefficients()[t]  # (R_all,)
         cols = torch.cat([
             torch.arange(self.expert_slices[e].start, self.expert_slices[e].stop)
             for e in self.visible_experts[t].tolist()
         ]).to(self.lora_A.device)  # (r_active,)
-        return self.lora_A.float()[cols].clone(), self.lora_B.float()[:, cols] * coef[cols]
+        A, B = self.factors()  # (R_all, d_in), (d_out, R_all)
+        return A.float()[cols].clone(), B.float()[:, cols] * coef[cols]
+
+    # --- adding a task later ------------------------------------------------------------------
+    @property
+    def _block(self) -> int:
+        """Rank columns one added task brings: the sum of the specific ranks."""
+        return sum(self.config.specific_ranks)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts' factors in storage order: A (R_all, d_in), B (d_out, R_all), with the
+        blocks of tasks added later after ``lora_A`` / ``lora_B`` (a copy only if there are any)."""
+        if not len(self.added_A):
+            return self.lora_A, self.lora_B
+        return (torch.cat([self.lora_A, *self.added_A]),  # (R_all, d_in)
+                torch.cat([self.lora_B, *self.added_B], dim=1))  # (d_out, R_all)
+
+    def add_task(self) -> list[nn.Parameter]:
+        """Give the router's newest task (already added to ``self.router``) its own experts.
+
+        The new task uses the existing common experts and gets K_s new specific experts, stored
+        in a block of their own (``added_A[k]`` (K_s ranks, d_in), ``added_B[k]`` (d_out, K_s
+        ranks), B at zero: the new task starts with the common experts only), plus a row of the
+        gate (``TaskGate.add_task``) when this layer owns its gate. Nothing existing moves or
+        changes shape, and for samples of other tasks the new block's coefficients are exactly
+        zero: their outputs stay bit for bit what they were. Returns the new parameters.
+        """
+        if self.merged:
+            raise RuntimeError("unmerge() before adding a task")
+        n_tasks = len(self.router.tasks)
+        known = self.n_base_tasks + self.n_added
+        if n_tasks != known + 1:
+            raise RuntimeError(f"the router has {n_tasks} tasks and this layer {known}: add one "
+                               "task to the router, then call add_task once (CGCAdapters.add_task does)")
+        new: list[nn.Parameter] = []
+        if self.config.n_specific:
+            kw = dict(device=self.lora_A.device, dtype=self.lora_A.dtype)
+            A = nn.Parameter(torch.empty(self._block, self.in_features, **kw))  # (K_s ranks, d_in)
+            B = nn.Parameter(torch.zeros(self.out_features, self._block, **kw))  # (d_out, K_s ranks)
+            start = 0
+            for r in self.config.specific_ranks:  # each expert initialised at its own rank
+                init_lora_A(A.data[start:start + r], self.config.init)
+                start += r
+            self.added_A.append(A)
+            self.added_B.append(B)
+            new += [A, B]
+        self.n_added += 1  # without specific experts (MOELoRA) the task has only a gate row
+        if self.gate is not None:
+            new.append(self.gate.add_task())
+        self._build_index(self.lora_A.device)
+        return new
 
     def extra_repr(self) -> str:
         c = self.config

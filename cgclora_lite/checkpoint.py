@@ -50,6 +50,7 @@ def save_adapters(adapters: CGCAdapters, path) -> Path:
         "cgclora_lite_version": __version__,
         "config": adapters.config.to_dict(),
         "tasks": list(adapters.tasks),
+        "added_tasks": adapters.added_tasks,  # the last tasks, added later (add_task)
         "targets": {n: [l.out_features, l.in_features] for n, l in adapters.layers.items()},
         "base_model": _model_name(adapters.model),
         "base_model_type": getattr(model_config, "model_type", None),
@@ -137,8 +138,15 @@ def load_adapters(model: nn.Module, path) -> CGCAdapters:
     _check_targets(model, meta)
     config = CGCConfig.from_dict({**meta["config"], "target_modules": list(meta["targets"]),
                                   "exclude_modules": None})
-    adapters = inject(model, config, meta["tasks"])
+    added = list(meta.get("added_tasks", []))
+    tasks = list(meta["tasks"])
+    if added and tasks[len(tasks) - len(added):] != added:
+        raise CheckpointError(f"{path / CONFIG_FILE}: added_tasks {added} are not the last of tasks {tasks}")
+    adapters = inject(model, config, tasks[: len(tasks) - len(added)])
     try:
+        for name in added:  # rebuilt in the same order, so every block has its saved place
+            adapters.add_task(name)
+        adapters.requires_grad_(True)
         _load_tensors(adapters, path)
     except Exception:
         adapters.detach()  # leave the model as it was
@@ -155,6 +163,11 @@ def load_into(adapters: CGCAdapters, path) -> None:
         raise CheckpointError(
             f"the checkpoint's tasks {meta['tasks']} differ from these adapters' tasks "
             f"{list(adapters.tasks)} (order matters: it fixes the task ids)"
+        )
+    if list(meta.get("added_tasks", [])) != adapters.added_tasks:
+        raise CheckpointError(
+            f"the checkpoint's tasks added later {meta.get('added_tasks', [])} differ from these "
+            f"adapters' {adapters.added_tasks}: call add_task for each, in order, before loading"
         )
     saved_config = CGCConfig.from_dict(meta["config"])
     structural = ["n_common", "n_specific", "common_ranks", "specific_ranks", "gate", "gate_scope",

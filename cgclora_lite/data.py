@@ -659,9 +659,16 @@ class TaskBalancedSampler(Sampler[list[int]]):
     """
 
     def __init__(self, dataset: MultiTaskDataset, batch_size: int, seed: int = 0,
-                 num_batches: int | None = None) -> None:
-        self.indices_by_task = dataset.indices_by_task
-        empty = [name for name, indices in zip(dataset.task_names, self.indices_by_task)
+                 num_batches: int | None = None, tasks: Sequence[str] | None = None) -> None:
+        names = list(dataset.task_names)
+        if tasks is not None:  # sample these tasks only (their ids stay the dataset's)
+            unknown = [t for t in tasks if t not in names]
+            if unknown or not tasks:
+                raise ValueError(f"tasks {list(tasks)} must be a non-empty subset of {names}")
+            names = [t for t in names if t in tasks]
+        by_name = dict(zip(dataset.task_names, dataset.indices_by_task))
+        self.indices_by_task = [by_name[name] for name in names]
+        empty = [name for name, indices in zip(names, self.indices_by_task)
                  if not indices]
         if empty:
             raise ValueError(f"tasks {empty} have no examples in this split")

@@ -94,6 +94,41 @@ class OnePlusN:
         self.active = name
         return self.clusters[name]
 
+    def add_task(self, cluster: str, task: Task) -> Cluster:
+        """Add ``task`` to the trained cluster ``cluster`` without retraining what exists.
+
+        The task gets its own specific experts and gate row; every existing adapter parameter is
+        frozen (``CGCAdapters.add_task``), so every other task's answers stay bit for bit the
+        same. Then train it alone: ``train_cluster(cluster, config, tasks=[task.name])``.
+        """
+        if cluster not in self.clusters:
+            raise KeyError(f"no cluster {cluster!r}; clusters: {list(self.clusters)}")
+        taken = {t.name: c.name for c in self.clusters.values() for t in c.tasks}
+        if task.name in taken:
+            raise ValueError(f"task {task.name!r} already belongs to cluster {taken[task.name]!r}")
+        adapters = self.activate(cluster)
+        adapters.add_task(task.name)
+        self.clusters[cluster].tasks.append(task)
+        return self.clusters[cluster]
+
+    def cluster_of(self, task: str) -> Cluster:
+        """The cluster that serves ``task``."""
+        for cluster in self.clusters.values():
+            if task in cluster.task_names:
+                return cluster
+        known = {c.name: c.task_names for c in self.clusters.values()}
+        raise TaskRoutingError(f"unknown task {task!r}; clusters and their tasks: {known}")
+
+    def activate(self, name: str) -> CGCAdapters:
+        """Put cluster ``name``'s adapters into the central model (and take the others out)."""
+        if name not in self.clusters:
+            raise KeyError(f"no cluster {name!r}; clusters: {list(self.clusters)}")
+        if self.active != name:
+            self._deactivate()
+            self.clusters[name].adapters.attach()
+            self.active = name
+        return self.clusters[name].adapters
+
     def cluster_of(self, task: str) -> Cluster:
         """The cluster that serves ``task``."""
         for cluster in self.clusters.values():
@@ -132,19 +167,23 @@ class OnePlusN:
 
     # --- training -------------------------------------------------------------------------
     def train_cluster(self, name: str, config: TrainConfig, batch_size: int = 8,
-                      progress: bool = True) -> list[dict]:
-        """Train cluster ``name`` on mixed, task-balanced batches of its own tasks."""
+                      progress: bool = True, tasks: Sequence[str] | None = None) -> list[dict]:
+        """Train cluster ``name`` on mixed, task-balanced batches of its own tasks (or of
+        ``tasks`` only, e.g. a task just added). Whatever adapter parameters require grad train."""
         cluster = self.clusters[name]
         adapters = self.activate(name)
         collate = Collator(self.tokenizer.pad_token_id)
         data = MultiTaskDataset(cluster.tasks, self.tokenizer, "train", self.max_length)
         sampler = TaskBalancedSampler(data, batch_size, seed=config.seed,
-                                      num_batches=config.steps * config.grad_accum)
+                                      num_batches=config.steps * config.grad_accum, tasks=tasks)
         loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
         validation = None
-        if config.eval_every and all(t.validation for t in cluster.tasks):
+        trained = [t for t in cluster.tasks if tasks is None or t.name in tasks]
+        if config.eval_every and all(t.validation for t in trained):
             val_data = MultiTaskDataset(cluster.tasks, self.tokenizer, "validation", self.max_length)
-            validation = list(DataLoader(val_data, batch_size=batch_size, collate_fn=collate))
+            keep = [i for i, item in enumerate(val_data.items) if tasks is None or item["task"] in tasks]
+            validation = list(DataLoader([val_data[i] for i in keep], batch_size=batch_size,
+                                         collate_fn=collate))
         history = train(adapters, loader, config, validation, progress)
         cluster.history += history
         return history

@@ -233,8 +233,9 @@ class CGCAdapters:
             return generate(*args, **kwargs)
 
     # --- parameters, gates, merging -----------------------------------------------------------
-    def parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters: every expert's A and B and the gate(s)."""
+    def parameters(self, trainable_only: bool = True) -> list[nn.Parameter]:
+        """The adapter parameters (every expert's A and B and the gates) that train, or all of
+        them with ``trainable_only=False`` (they differ after ``add_task`` froze the old ones)."""
         seen, params = set(), []
         for layer in self.layers.values():
             for name, p in layer.named_parameters():
@@ -243,10 +244,52 @@ class CGCAdapters:
                     params.append(p)
         if self.shared_gate is not None:
             params += list(self.shared_gate.parameters())
-        return params
+        return [p for p in params if p.requires_grad or not trainable_only]
 
     def num_trainable(self) -> int:
+        """Parameters that train now."""
         return sum(p.numel() for p in self.parameters())
+
+    def num_parameters(self) -> int:
+        """All adapter parameters, trainable or frozen."""
+        return sum(p.numel() for p in self.parameters(trainable_only=False))
+
+    def requires_grad_(self, flag: bool = True) -> "CGCAdapters":
+        """Make every adapter parameter trainable (or frozen); the base model stays frozen."""
+        for p in self.parameters(trainable_only=False):
+            p.requires_grad_(flag)
+        return self
+
+    @property
+    def added_tasks(self) -> list[str]:
+        """Tasks added after the adapters were built (``add_task``), in order."""
+        return list(self.tasks[next(iter(self.layers.values())).n_base_tasks:])
+
+    def add_task(self, name: str, freeze_existing: bool = True) -> list[nn.Parameter]:
+        """Add task ``name`` to this cluster without changing what the other tasks compute.
+
+        The new task gets its own K_s specific experts in every layer (B at zero) and its own gate
+        row (a task embedding e_new; the gate map G is shared and stays as trained). It uses the
+        existing common experts. With ``freeze_existing`` (the default) every existing adapter
+        parameter is frozen, so training then learns only the new task's experts and embedding,
+        and every existing task's outputs stay bit for bit what they were (tested). Returns the
+        new parameters; the new task's id is the last one.
+        """
+        config = self.config
+        if config.n_specific == 0 and config.gate == "none":
+            raise ValueError(
+                f"a {config.method} cluster has neither task-specific experts nor a gate: a new task "
+                "would have nothing of its own to learn. Use a config with n_specific >= 1 or a gate."
+            )
+        if self.merged_task is not None:
+            raise RuntimeError("unmerge() before adding a task")
+        if freeze_existing:
+            self.requires_grad_(False)
+        self.router.add_task(name)
+        new = [self.shared_gate.add_task()] if self.shared_gate is not None else []
+        for layer in self.layers.values():
+            new += layer.add_task()
+        return new
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter tensors only, keyed ``<module name>.<parameter>`` (and ``gate.*`` if shared)."""

@@ -44,6 +44,15 @@ class TaskRouter:
     def __repr__(self) -> str:
         return f"TaskRouter(tasks={list(self.tasks)})"
 
+    def add_task(self, name: str) -> int:
+        """Append a task name (``CGCAdapters.add_task`` does this); return its id."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a task name is a non-empty string, got {name!r}")
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} exists already (tasks: {list(self.tasks)})")
+        self.tasks = self.tasks + (name,)
+        return len(self.tasks) - 1
+
     def task_index(self, task: str | int) -> int:
         """The id of one task given by name or id, checked."""
         if isinstance(task, str):
