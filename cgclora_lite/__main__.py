@@ -6,9 +6,9 @@
   python -m cgclora_lite export --run runs/mine --task sentiment --format peft --out sentiment_lora
 
 `run` trains CGC-LoRA in the 1+N pattern (one set of adapters per cluster of related tasks) and
-its baselines (one LoRA for all tasks, one LoRA per task, MOELoRA, CGC-LoRA over all tasks) on the
-same data and budget, scores every task, and writes a run folder: config.json, metrics.json,
-results.md (the seesaw table, also printed) and PNG figures. Everything runs offline on the
+its baselines (one LoRA for all tasks, one LoRA per task, MOELoRA, CGC-LoRA over all tasks,
+MoDULA-Flan and MoDULA-Res) on the same data and budget, scores every task, and writes a run
+folder: config.json, metrics.json, results.md (the seesaw table, also printed) and PNG figures. Everything runs offline on the
 embedded SmolLM2-135M-Instruct and the default tasks.
 
 `export` takes one task of a trained run and writes it as a plain peft LoRA adapter folder or as a
@@ -42,6 +42,10 @@ def _export(args: argparse.Namespace) -> None:
 
     from .framework import OnePlusN
 
+    if args.method.startswith("modula"):
+        raise SystemExit(f"{args.method} cannot be exported as one LoRA or one merged model: its token "
+                         "router mixes the experts differently for every token. Load it with "
+                         "cgclora_lite.modula.load_modula(model, folder) instead.")
     folder = Path(args.run) / "adapters" / args.method
     if not folder.is_dir():
         found = sorted(p.name for p in (Path(args.run) / "adapters").glob("*"))

@@ -1,6 +1,7 @@
 """The 1+N experiment: CGC-LoRA against its baselines on the same data, tokens and budget.
 
-Methods (all are configurations of one layer, ``cgc.CGCLoRALinear``):
+Methods (the first five are configurations of one layer, ``cgc.CGCLoRALinear``; the MoDULA
+variants are ``modula.MoDULALinear``):
 
 =================  ==================================================  ===========================
 method             what it is                                          clusters
@@ -10,15 +11,20 @@ method             what it is                                          clusters
 ``moelora``        shared experts mixed by a task gate                 one, all tasks
 ``cgc-1+1``        CGC-LoRA over all tasks                             one, all tasks
 ``cgc-1+n``        CGC-LoRA in the 1+N pattern                         one per task cluster
+``modula-flan``    MoDULA: universal + domain experts, token router    domains = task clusters
+``modula-res``     MoDULA with the universal expert on a residual      domains = task clusters
 =================  ==================================================  ===========================
 
 **Budget rule: equal active rank.** Every method gives each task the same rank ``r_active``
 (default 8) at the same scale ``s = alpha / r_active``: LoRA rank 8; one rank-8 LoRA per task;
-MOELoRA 4 experts of rank 2; CGC-LoRA 2 common + 2 specific experts of rank 2. So every method
+MOELoRA 4 experts of rank 2; CGC-LoRA 2 common + 2 specific experts of rank 2; MoDULA a universal
+expert of rank r_active / 2 and one expert per domain sharing the other half (rank 2 each for the
+two default domains: its dense router computes every expert for every token). So every method
 spends the same compute per token; trainable parameter counts differ (per-task experts add
 parameters, not compute) and are reported. Every method sees the same training batches' worth of
 tokens: ``steps`` optimizer steps of ``batch_size`` task-balanced examples. In the 1+N pattern
-the steps are shared among clusters in proportion to their number of tasks.
+the steps are shared among clusters in proportion to their number of tasks; MoDULA splits them
+across its three stages (``modula.stage_steps``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from .evaluate import evaluate_tasks
 from .framework import OnePlusN
 from .train import TrainConfig
 
-METHODS = ("lora", "per-task-lora", "moelora", "cgc-1+1", "cgc-1+n")
+METHODS = ("lora", "per-task-lora", "moelora", "cgc-1+1", "cgc-1+n", "modula-flan", "modula-res")
 REFERENCE = "per-task-lora"  # the seesaw is measured against independent per-task models
 BUDGET_RULE = ("equal active rank: every method gives each task the same rank r_active at the same "
                "scale alpha / r_active, and trains for the same steps x batch size of examples")
@@ -95,9 +101,22 @@ def method_config(method: str, r_active: int = 8, alpha: float = 16.0) -> CGCCon
     raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
 
 
+def modula_config(method: str, r_active: int = 8, alpha: float = 16.0, n_domains: int = 2):
+    """The ``MoDULAConfig`` of ``modula-flan`` / ``modula-res`` at active rank ``r_active``: a
+    universal expert of rank r_active / 2 and the other half shared by the domain experts."""
+    from .modula import MoDULAConfig
+
+    if r_active % 2 or (r_active // 2) % n_domains:
+        raise ValueError(f"r_active {r_active} does not split into a universal half and "
+                         f"{n_domains} equal domain experts")
+    return MoDULAConfig(variant=method.removeprefix("modula-"), rank_universal=r_active // 2,
+                        rank_domain=r_active // 2 // n_domains, alpha=alpha)
+
+
 def method_clusters(method: str, tasks: Sequence[Task]) -> dict[str, list[Task]]:
-    """The clusters a method trains: the task clusters for 1+N, else one cluster of all tasks."""
-    return group_by_cluster(tasks) if method == "cgc-1+n" else {"all": list(tasks)}
+    """The clusters a method trains: the task clusters for 1+N (and MoDULA's domains), else one
+    cluster of all tasks."""
+    return group_by_cluster(tasks) if method == "cgc-1+n" or method.startswith("modula") else {"all": list(tasks)}
 
 
 def split_steps(steps: int, clusters: dict[str, list[Task]]) -> dict[str, int]:
@@ -142,8 +161,11 @@ def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pre
                progress: bool = True, save_to: Path | None = None) -> dict:
     """Train one method from fresh adapters and evaluate every task; detach its adapters after.
 
-    With ``save_to``, the trained framework is saved there (``OnePlusN.load`` reads it back).
+    With ``save_to``, the trained framework is saved there (``OnePlusN.load`` reads it back; for
+    MoDULA, ``modula.load_modula``).
     """
+    if method.startswith("modula-"):
+        return _run_modula(method, model, tokenizer, tasks, preset, progress, save_to)
     torch.manual_seed(preset.seed)
     framework = OnePlusN(model, tokenizer, preset.max_length)
     clusters = method_clusters(method, tasks)
@@ -170,6 +192,37 @@ def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pre
     if save_to is not None:
         framework.save(save_to)
     framework._deactivate()
+    return result
+
+
+def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
+                progress: bool, save_to: Path | None) -> dict:
+    """``run_method`` for MoDULA: its three training stages, then the same evaluation."""
+    from .modula import inject_modula, train_modula
+
+    torch.manual_seed(preset.seed)
+    domains = method_clusters(method, tasks)
+    config = modula_config(method, preset.r_active, preset.alpha, len(domains))
+    adapters = inject_modula(model, config, {d: [t.name for t in m] for d, m in domains.items()})
+    train_config = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=preset.warmup, seed=preset.seed)
+    start = time.perf_counter()
+    histories = train_modula(adapters, tasks, tokenizer, train_config, preset.batch_size,
+                             preset.max_length, progress)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    ordered = [next(t for t in tasks if t.name == name) for name in adapters.tasks]
+    scores = evaluate_tasks(model, tokenizer, ordered, max_prompt_length=preset.max_length - 8)
+    eval_seconds = time.perf_counter() - start
+    result = {
+        "method": method, "config": config.to_dict(),
+        "clusters": {d: [t.name for t in m] for d, m in domains.items()},
+        "trainable_parameters": adapters.num_parameters(),
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "scores": scores, "history": histories, "gates": {},
+    }
+    if save_to is not None:
+        adapters.save(save_to)
+    adapters.detach()
     return result
 
 

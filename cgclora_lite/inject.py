@@ -118,20 +118,11 @@ class CGCAdapters:
     ``report`` (an ``InjectionReport``).
     """
 
-    def __init__(self, model: nn.Module, config: CGCConfig, tasks: Sequence[str], targets: list[str]):
+    def __init__(self, model: nn.Module, config, tasks: Sequence[str], targets: list[str]):
         self.model, self.config = model, config
         self.router = TaskRouter(tasks)
         self.shared_gate: TaskGate | None = None
-        first = model.get_submodule(targets[0])
-        if config.gate == "task" and config.gate_scope == "shared":
-            self.shared_gate = TaskGate(
-                len(self.tasks), config.n_common + config.n_specific, config.task_embedding_dim,
-                device=first.weight.device, dtype=adapter_dtype(config.adapter_dtype, first),
-            )
-        self.layers: dict[str, CGCLoRALinear] = {
-            name: CGCLoRALinear(model.get_submodule(name), self.router, config, self.shared_gate)
-            for name in targets
-        }
+        self.layers = self._build_layers(targets)
         for layer in self.layers.values():  # new modules start in training mode: follow the model
             layer.train(model.training)
         if self.shared_gate is not None:
@@ -141,6 +132,18 @@ class CGCAdapters:
         self.attach()
         total = sum(p.numel() for p in model.parameters())
         self.report = InjectionReport(list(targets), self.num_trainable(), total)
+
+    def _build_layers(self, targets: list[str]) -> dict[str, nn.Module]:
+        """One ``CGCLoRALinear`` per target (and the shared gate, if the config asks for one)."""
+        config, model = self.config, self.model
+        first = model.get_submodule(targets[0])
+        if config.gate == "task" and config.gate_scope == "shared":
+            self.shared_gate = TaskGate(
+                len(self.tasks), config.n_common + config.n_specific, config.task_embedding_dim,
+                device=first.weight.device, dtype=adapter_dtype(config.adapter_dtype, first),
+            )
+        return {name: CGCLoRALinear(model.get_submodule(name), self.router, config, self.shared_gate)
+                for name in targets}
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -196,7 +199,8 @@ class CGCAdapters:
 
     # --- routing ------------------------------------------------------------------------------
     def _device(self) -> torch.device:
-        return next(iter(self.layers.values())).lora_A.device
+        layer = next(iter(self.layers.values()))
+        return next(p.device for n, p in layer.named_parameters() if not n.startswith("base."))
 
     def route(self, task_ids: TaskIds | None):
         """``with adapters.route(ids):`` every call inside sees these per-sample task ids."""

@@ -7,17 +7,24 @@ import pytest
 
 from cgclora_lite.__main__ import main
 from cgclora_lite.data import Task
-from cgclora_lite.experiment import (METHODS, PRESETS, method_clusters, method_config, seesaw_table,
-                                     split_steps)
+from cgclora_lite.experiment import (METHODS, PRESETS, method_clusters, method_config, modula_config,
+                                     seesaw_table, split_steps)
+
+CGC_METHODS = [m for m in METHODS if not m.startswith("modula")]
 
 
 def test_every_method_has_the_same_active_rank_and_scale():
-    configs = {m: method_config(m) for m in METHODS}
+    configs = {m: method_config(m) for m in CGC_METHODS}
     assert {c.r_active for c in configs.values()} == {8}
     assert {c.scaling for c in configs.values()} == {2.0}
-    assert [configs[m].method for m in METHODS] == ["lora", "per-task lora", "moelora", "cgc-lora", "cgc-lora"]
+    assert [configs[m].method for m in CGC_METHODS] == ["lora", "per-task lora", "moelora", "cgc-lora", "cgc-lora"]
     with pytest.raises(ValueError, match="unknown method"):
         method_config("adapter")
+    for variant in ("flan", "res"):  # MoDULA's dense router computes every expert for every token
+        modula = modula_config(f"modula-{variant}", n_domains=2)
+        assert modula.rank_universal + 2 * modula.rank_domain == 8 and modula.variant == variant
+    with pytest.raises(ValueError, match="does not split"):
+        modula_config("modula-res", n_domains=3)
 
 
 def test_clusters_and_step_split():
@@ -54,6 +61,10 @@ def test_run_tiny_preset_writes_every_output(tmp_path, capsys):
     assert metrics["methods"]["cgc-1+n"]["trainable_parameters"] > metrics["methods"]["lora"]["trainable_parameters"]
     steps = {c: len(h) for c, h in metrics["methods"]["cgc-1+n"]["history"].items()}
     assert steps == {"classify": 2, "generate": 2}  # 4 steps shared by task count
+    stages = {c: len(h) for c, h in metrics["methods"]["modula-res"]["history"].items()}
+    assert stages == {"universal": 1, "classify": 1, "generate": 1, "router": 1}
+    for variant in ("modula-flan", "modula-res"):
+        assert (out / "adapters" / variant / "modula_config.json").is_file()
     assert metrics["provenance"]["torch"] and metrics["provenance"]["model"] == "tiny_model(seed=0)"
     config = json.loads((out / "config.json").read_text())
     assert config["preset"]["name"] == "tiny" and "equal active rank" in config["budget_rule"]
