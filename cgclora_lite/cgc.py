@@ -46,6 +46,12 @@ sample only ever uses ``r_active`` columns. When R > ``GATHER_ABOVE * r_active``
 to the *gathered* form: each sample gets its own task's ``r_active`` rows of ``A_cat`` and columns
 of ``B_cat`` (batched products, no host synchronisation, cost independent of T).
 
+**Adding a task later.** ``add_task`` gives a new task its own specific experts in a block of
+their own (``added_A[k]``, ``added_B[k]``, after ``lora_A`` / ``lora_B`` in storage order) and a gate
+row. The stored block keeps its shape and is computed as before, with zero coefficients on the new
+task's rows for the columns it may not use; the new block adds ``u_k B_k^T`` with coefficients that
+are exactly zero for every other task. So the existing tasks' outputs do not change by a single bit.
+
 **Per-task merging and export.** The gate ignores tokens, so task t's update is one matrix,
 ``dW_t = B_cat diag(c_t) A_cat``: ``merge(t)`` folds it into ``W0`` for zero-overhead inference,
 and ``export_factors(t)`` returns a plain LoRA pair (A'_t, B'_t) with ``B'_t A'_t = dW_t``.
@@ -346,7 +352,9 @@ class CGCLoRALinear(AdaptedLinear):
             registered as a submodule of this layer. By default, the layer owns its gate.
 
     Parameters: ``lora_A`` (R, d_in) and ``lora_B`` (d_out, R), R = sum(common ranks) +
-    T * sum(specific ranks); rows/columns are grouped by expert in ``expert_names`` order.
+    T * sum(specific ranks); rows/columns are grouped by expert in ``expert_names`` order. Tasks
+    added later (``add_task``) bring ``added_A[k]`` (K_s ranks, d_in) and ``added_B[k]``
+    (d_out, K_s ranks); ``factors()`` concatenates everything in storage order.
     ``gathered``: whether ``forward`` uses the gathered rank layout (default: when
     R > ``GATHER_ABOVE`` * r_active); both layouts compute the same function.
     """
