@@ -49,6 +49,7 @@ from .framework import OnePlusN
 from .train import TrainConfig
 
 METHODS = ("lora", "per-task-lora", "moelora", "cgc-1+1", "cgc-1+n", "modula-flan", "modula-res")
+CGC_METHODS = METHODS[:5]  # the configurations of CGCLoRALinear (``method_config``)
 REFERENCE = "per-task-lora"  # the seesaw is measured against independent per-task models
 BUDGET_RULE = ("equal active rank: every method gives each task the same rank r_active at the same "
                "scale alpha / r_active, and trains for the same steps x batch size of examples")

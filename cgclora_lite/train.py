@@ -11,6 +11,27 @@ whole 49k vocabulary at every position costs more than the rest of a small model
 ``train`` is AdamW with linear warm-up then cosine (or linear, or constant) decay, gradient
 clipping, gradient accumulation, bf16 autocast on CUDA, a fixed seed, a ``tqdm`` progress bar
 showing the loss, optional periodic validation, and a recorded history.
+
+**Data parallel.** When a ``torch.distributed`` process group of W > 1 processes is running
+(``torchrun --nproc_per_node W``), ``train`` makes the W processes one training run: each rank
+r gets its own shard of every global batch (see ``distributed.py``) and
+
+* the adapters start from rank 0's values (broadcast), so every rank holds the same weights;
+* the loss is the mean over the answer tokens of the *global* batch, not of each shard. With
+  n_r answer tokens on rank r and N = sum_r n_r (one all-reduce of a count per batch), rank r
+  back-propagates ``answer_loss * n_r / N`` = (sum of its token losses) / N, and the adapter
+  gradients are **summed** over ranks: sum_r grad(S_r) / N = grad of the global token mean,
+  whatever the shards' token counts (averaging per-rank means, DDP's default, weights a token
+  of a short shard more than one of a long shard);
+* the gradients are summed by hand, once per optimizer step, in one flat buffer holding only
+  the adapter gradients (the frozen base has none), before clipping, so every rank clips the
+  same global gradient and takes the same AdamW step.
+
+Why not ``DistributedDataParallel``: ``answer_loss`` calls the decoder and the head separately
+(to run the head on answer positions only), and DDP synchronises gradients only for calls that
+go through its own ``forward``; wrapping would silently train each rank on its shard alone. One
+all-reduce per optimizer step is also what DDP with ``no_sync`` during accumulation does.
+With one process (no process group) nothing of this runs and training is unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +42,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -99,13 +121,54 @@ def _forever(batches: Iterable[dict]):
             raise ValueError("no training batches: the training data is empty")
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def answer_tokens(batch: dict) -> int:
+    """Number of answer tokens of a batch: the targets (labels[:, 1:]) that are not -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum plain numbers over all ranks (one all-reduce)."""
+    buffer = torch.tensor(values, dtype=torch.float64, device=device)  # (n,)
+    dist.all_reduce(buffer)
+    return buffer.tolist()
+
+
+def _sum_gradients(params: list[torch.nn.Parameter], extra: float) -> float:
+    """Sum the gradients of ``params`` over all ranks in place, and ``extra`` with them.
+
+    One flat fp32 buffer, one all-reduce: (sum_p numel(p) + 1,). A parameter with no gradient
+    (its rank skipped backward) counts as zeros. Returns the summed ``extra``.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    device = grads[0].device
+    flat = torch.cat([g.float().flatten() for g in grads]
+                     + [torch.tensor([extra], dtype=torch.float32, device=device)])  # (P + 1,)
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    return float(flat[-1])
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate_loss(adapters: CGCAdapters, batches: Iterable[dict], amp: bool = False) -> float:
-    """Mean answer loss over ``batches`` (each batch weighted by its answer tokens)."""
+    """Mean answer loss over ``batches`` (each batch weighted by its answer tokens).
+
+    Under ``torchrun`` it is a collective: call it on every rank; each returns the mean over the
+    answer tokens of all ranks' batches.
+    """
     model = adapters.model
     was_training = model.training
     model.eval()
@@ -113,11 +176,15 @@ def evaluate_loss(adapters: CGCAdapters, batches: Iterable[dict], amp: bool = Fa
     device = next(model.parameters()).device
     for batch in batches:
         batch = _to(batch, device)
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = answer_tokens(batch)
+        if n == 0:
+            continue
         with adapters.route(batch["task_ids"]), torch.autocast(device.type, torch.bfloat16, enabled=amp):
             total += answer_loss(model, batch).item() * n
         count += n
     model.train(was_training)
+    if world()[1] > 1:  # every rank returns the mean over all ranks' batches
+        total, count = _all_reduce_sum([total, count], device)
     return total / max(count, 1)
 
 
@@ -134,17 +201,26 @@ def train(
     (see ``data.Collator``); it is cycled if it runs out. Each history entry has ``step``,
     ``loss`` (mean over the accumulated batches), ``lr``, ``grad_norm``, ``seconds`` since the
     start, and ``val_loss`` on validation steps.
+
+    Under ``torchrun`` (a process group of W > 1 ranks), ``batches`` are this rank's shards of
+    the global batches and the W calls train as one (module docstring): same weights on every
+    rank, the loss and gradient of the global batch, the same history on every rank.
     """
-    torch.manual_seed(config.seed)
+    rank, world_size = world()
+    torch.manual_seed(config.seed + rank)  # ranks draw different dropout masks
     model = adapters.model
     device = next(model.parameters()).device
     amp = config.amp if config.amp is not None else device.type == "cuda"
     params = adapters.parameters()
+    if world_size > 1:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     stream = batches if hasattr(batches, "__next__") else _forever(batches)
     history, start = [], time.perf_counter()
     model.train()
-    bar = tqdm(range(config.steps), desc="train", disable=not progress)
+    bar = tqdm(range(config.steps), desc="train", disable=not progress or rank != 0)
     for step in bar:
         lr = config.lr * lr_factor(step, config)
         for group in optimizer.param_groups:
@@ -152,11 +228,20 @@ def train(
         loss_sum = 0.0
         for _ in range(config.grad_accum):
             batch = _to(next(stream), device)
+            if world_size > 1:  # n_r answer tokens here, N in the global batch
+                n_local = answer_tokens(batch)
+                (n_global,) = _all_reduce_sum([n_local], device)
+                if n_local == 0:  # nothing to learn from this shard: it adds zero gradient
+                    continue
             with adapters.route(batch["task_ids"]):  # backward inside: checkpointing re-runs forwards
                 with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                     loss = answer_loss(model, batch)
+                    if world_size > 1:
+                        loss = loss * (n_local / n_global)  # (sum of this rank's token losses) / N
                 (loss / config.grad_accum).backward()
             loss_sum += loss.item()
+        if world_size > 1:  # gradients and loss of the global batch, on every rank
+            loss_sum = _sum_gradients(params, loss_sum)
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

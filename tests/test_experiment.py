@@ -7,10 +7,8 @@ import pytest
 
 from cgclora_lite.__main__ import main
 from cgclora_lite.data import Task
-from cgclora_lite.experiment import (METHODS, PRESETS, method_clusters, method_config, modula_config,
-                                     seesaw_table, split_steps)
-
-CGC_METHODS = [m for m in METHODS if not m.startswith("modula")]
+from cgclora_lite.experiment import (CGC_METHODS, METHODS, PRESETS, method_clusters, method_config,
+                                     modula_config, seesaw_table, split_steps)
 
 
 def test_every_method_has_the_same_active_rank_and_scale():

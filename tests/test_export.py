@@ -6,7 +6,7 @@ from conftest import randomize
 from transformers import AutoModelForCausalLM
 
 from cgclora_lite import CGCConfig, inject
-from cgclora_lite.experiment import METHODS, method_config
+from cgclora_lite.experiment import CGC_METHODS, method_config
 from cgclora_lite.export import export_merged, export_peft
 from cgclora_lite.models import tiny_model
 
@@ -21,7 +21,7 @@ def adapted(config):
     return model, adapters
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CGC_METHODS)
 def test_peft_export_gives_the_same_logits(method, tmp_path):
     from peft import PeftModel
 

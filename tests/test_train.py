@@ -5,7 +5,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cgclora_lite import CGCConfig, inject
-from cgclora_lite.experiment import METHODS, method_config
+from cgclora_lite.experiment import CGC_METHODS, method_config
 from cgclora_lite.train import TrainConfig, answer_loss, evaluate_loss, lr_factor, train
 
 TASKS = ["a", "b"]
@@ -43,7 +43,7 @@ def test_answer_loss_equals_the_models_own_loss(tiny):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CGC_METHODS)
 def test_each_methods_training_lowers_the_loss_and_touches_only_adapters(tiny, method):
     adapters = inject(sharpen(tiny), method_config(method), TASKS)
     data = toy_batches()
