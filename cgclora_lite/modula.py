@@ -65,7 +65,9 @@ WEIGHTS_FILE = "modula_adapters.safetensors"
 @dataclass
 class MoDULAConfig:
     """A MoDULA adapter set. ``stage_fractions``: shares of the training steps of the universal,
-    domain and router stages (they must sum to 1)."""
+    domain and router stages (they must sum to 1). ``router_lr_scale``: the router stage's
+    learning rate is the run's times this (the router starts at zero and its gradient is small:
+    at the run's rate it barely leaves uniform weights in a short budget)."""
 
     variant: str = "res"
     rank_universal: int = 4
@@ -77,6 +79,7 @@ class MoDULAConfig:
     target_modules: TargetSpec = "all-linear"
     exclude_modules: TargetSpec | None = None
     stage_fractions: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    router_lr_scale: float = 10.0
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -88,6 +91,8 @@ class MoDULAConfig:
             raise ValueError(f"stage_fractions must be three positive shares summing to 1, got {self.stage_fractions}")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
+        if self.router_lr_scale <= 0:
+            raise ValueError(f"router_lr_scale must be > 0, got {self.router_lr_scale}")
 
     @property
     def scaling(self) -> float:
@@ -264,8 +269,10 @@ class MoDULAAdapters(CGCAdapters):
 
     @torch.no_grad()
     def routing_table(self, batches) -> "pd.DataFrame":
-        """Mean router weight per task and expert, averaged over layers and answer-free tokens
-        of ``batches`` (dicts with ``input_ids``, ``attention_mask``, ``task_ids``)."""
+        """Mean router weight per task and expert, averaged over layers and tokens of ``batches``
+        (dicts with ``input_ids``, ``attention_mask``, ``task_ids`` and optionally ``labels``):
+        over the answer positions when the batch has labels (the prompt template is the same for
+        every task and would flatten the table), else over every attended token."""
         import pandas as pd
 
         sums: dict[int, torch.Tensor] = {}
@@ -279,6 +286,10 @@ class MoDULAAdapters(CGCAdapters):
                 captured.clear()
                 self.model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
                 mask = batch["attention_mask"].to(device).bool()  # (B, L)
+                if "labels" in batch:  # the positions that predict an answer token
+                    answer = torch.zeros_like(mask)
+                    answer[:, :-1] = batch["labels"][:, 1:].to(device) != -100
+                    mask = mask & answer
                 for layer, x in captured:
                     g = layer.router_weights(x)[mask]  # (tokens, E)
                     ids = batch["task_ids"].to(device)[:, None].expand_as(mask)[mask]  # (tokens,)
@@ -370,13 +381,14 @@ def stage_steps(steps: int, config: MoDULAConfig, domains: dict[str, Sequence[Ta
 
 def train_modula(adapters: MoDULAAdapters, tasks: Sequence[Task], tokenizer, config: TrainConfig,
                  batch_size: int = 8, max_length: int = 256, progress: bool = True,
-                 only: Sequence[str] | None = None) -> dict[str, list[dict]]:
+                 only: Sequence[str] | None = None, on_stage=None) -> dict[str, list[dict]]:
     """The three MoDULA stages, each a ``train.train`` run on task-balanced batches.
 
     ``config.steps`` is the total over all stages (split by ``stage_steps``). With ``only`` (domain
     names, e.g. a domain just added) the universal stage is skipped, only those domains' experts
-    train in stage 2, and the router retrains on all tasks. Returns ``{stage: history}``; leaves the
-    layers in the routed (inference) stage.
+    train in stage 2, and the router retrains on all tasks (at ``router_lr_scale`` times the rate).
+    ``on_stage(stage, adapters)``, if given, runs after each stage (e.g. to snapshot the weights).
+    Returns ``{stage: history}``; leaves the layers in the routed (inference) stage.
     """
     by_name = {t.name: t for t in tasks}
     missing = [t for t in adapters.tasks if t not in by_name]
@@ -397,8 +409,11 @@ def train_modula(adapters: MoDULAAdapters, tasks: Sequence[Task], tokenizer, con
                                       num_batches=steps[stage] * config.grad_accum)
         adapters.set_stage(stage)
         loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
-        histories[stage] = train(adapters, loader, dataclasses.replace(config, steps=steps[stage]),
+        lr = config.lr * (adapters.config.router_lr_scale if stage == "router" else 1.0)
+        histories[stage] = train(adapters, loader, dataclasses.replace(config, steps=steps[stage], lr=lr),
                                  progress=progress)
+        if on_stage is not None:
+            on_stage(stage, adapters)
     adapters.set_stage("router")
     adapters.requires_grad_(True)
     return histories

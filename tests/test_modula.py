@@ -76,13 +76,14 @@ def test_stages_train_only_their_parameters(setup, variant):
     model = tiny_model(seed=0)
     adapters = inject_modula(model, MoDULAConfig(variant=variant), DOMAINS)
     config = TrainConfig(steps=10, lr=1e-2, warmup=0.0)  # 4, 2, 2, 2 steps: A moves from step 2
-    stages = []
+    stages, rates = [], []
     original = train_modula.__globals__["train"]
 
     def spy(handle, loader, cfg, validation=None, progress=True):
         before = snapshot(handle)
         history = original(handle, loader, cfg, validation, progress)
         stages.append(changed(before, handle))
+        rates.append(cfg.lr)
         return history
 
     train_modula.__globals__["train"] = spy
@@ -96,6 +97,7 @@ def test_stages_train_only_their_parameters(setup, variant):
     assert stages[0] == {"universal_A", "universal_B"}
     assert stages[1] == stages[2] == {"domain_A", "domain_B"}
     assert stages[3] == {"router"}
+    assert rates == [1e-2, 1e-2, 1e-2, 1e-2 * adapters.config.router_lr_scale]
     with torch.no_grad():  # no task ids needed at inference
         model(torch.tensor([[1, 2, 3]]))
     table = adapters.routing_table([{"input_ids": torch.tensor([[5, 6, 7], [8, 9, 10]]),
@@ -103,6 +105,12 @@ def test_stages_train_only_their_parameters(setup, variant):
                                      "task_ids": torch.tensor([0, 3])}])
     assert list(table.index) == ["topic", "trivia"]
     assert table.sum(axis=1).round(5).tolist() == [1.0, 1.0]  # router weights sum to 1
+    labels = torch.tensor([[-100, -100, 7], [-100, 9, 10]])  # answer positions only
+    answers = adapters.routing_table([{"input_ids": torch.tensor([[5, 6, 7], [8, 9, 10]]),
+                                       "attention_mask": torch.ones(2, 3, dtype=torch.long),
+                                       "labels": labels, "task_ids": torch.tensor([0, 3])}])
+    assert answers.sum(axis=1).round(5).tolist() == [1.0, 1.0]
+    assert not answers.equals(table)  # fewer tokens: other averages
 
 
 def test_add_domain_keeps_existing_experts_and_learns(setup, tmp_path):
