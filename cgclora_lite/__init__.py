@@ -9,6 +9,12 @@ Modules, one idea each:
 * ``checkpoint``: save/load adapters (safetensors + JSON), with checks.
 * ``models``: the embedded SmolLM2-135M-Instruct, any transformers causal LM, a tiny test model.
 * ``data``: tasks, the default offline tasks, tokenisation, collation, task-balanced sampling.
+* ``train``, ``evaluate``: the answer-only loss and training loop; generation and metrics.
+* ``framework``, ``experiment``: the 1+N framework (``OnePlusN``) and the method comparison.
+* ``affinity``: inter-task affinity and clustering tasks into the N clusters.
+* ``modula``: MoDULA-Flan and MoDULA-Res, the staged universal + domain experts.
+* ``hf``, ``distributed``: ``transformers.Trainer`` and ``torchrun`` training.
+* ``export``, ``viz``, ``widgets``, ``bench``: peft/merged export, figures, notebook widgets, benchmarks.
 """
 
 __version__ = "0.1.0"

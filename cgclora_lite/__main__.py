@@ -4,6 +4,7 @@
   python -m cgclora_lite run --preset tiny        # a seconds-long smoke run on a tiny random model
   python -m cgclora_lite run --methods lora cgc-1+n --steps 100 --out runs/mine
   python -m cgclora_lite export --run runs/mine --task sentiment --format peft --out sentiment_lora
+  python -m cgclora_lite affinity --method gradient --clusters 2 --out runs/affinity
 
 `run` trains CGC-LoRA in the 1+N pattern (one set of adapters per cluster of related tasks) and
 its baselines (one LoRA for all tasks, one LoRA per task, MOELoRA, CGC-LoRA over all tasks,
@@ -13,6 +14,10 @@ embedded SmolLM2-135M-Instruct and the default tasks.
 
 `export` takes one task of a trained run and writes it as a plain peft LoRA adapter folder or as a
 merged transformers model folder, either of which serves that task without cgclora_lite.
+
+`affinity` measures how the tasks help or hurt each other through a fresh LoRA on the central model
+(gradient cosine, or TAG's lookahead), clusters them into the N of 1+N, compares the clusters with
+the prior ones (classify / generate), and writes affinity.json and affinity.png (a clustermap).
 """
 
 from __future__ import annotations
@@ -57,6 +62,14 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported task {args.task!r} of {args.method} ({args.format}) to {path}; load it with {how}")
 
 
+def _affinity(args: argparse.Namespace) -> None:
+    from .affinity import run_affinity
+
+    run_affinity(args.model, args.tasks, args.method, args.clusters, args.out, batch_size=args.batch_size,
+                 batches=args.batches, max_length=args.max_length, seed=args.seed,
+                 **({} if args.lr is None else {"lr": args.lr}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cgclora_lite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: peft)")
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(handler=_export)
+
+    affinity = commands.add_parser(
+        "affinity", help="measure inter-task affinity on the central model and cluster the tasks",
+        description="Measure how the default tasks help or hurt each other through a fresh LoRA "
+                    "on the central model, cluster them, and write affinity.json and affinity.png.")
+    affinity.add_argument("--method", default="gradient", choices=["gradient", "lookahead"],
+                          help="gradient: cosine of the tasks' adapter gradients (one backward per "
+                               "task and batch); lookahead: TAG's 1 - L_j(after a step on i) / L_j "
+                               "(T backward and T x (T + 1) forwards per batch). Default: gradient")
+    affinity.add_argument("--model", default=None,
+                          help="a transformers causal LM name or folder (default: the embedded "
+                               "SmolLM2-135M-Instruct; 'tiny': the random tiny model)")
+    affinity.add_argument("--tasks", nargs="+", choices=tasks, default=None, metavar="TASK",
+                          help=f"a subset of the default tasks ({', '.join(tasks)}); default: all")
+    affinity.add_argument("--clusters", type=int, default=2, help="number of clusters (default: 2)")
+    affinity.add_argument("--batches", type=int, default=2, help="batches per task (default: 2)")
+    affinity.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: 8)")
+    affinity.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
+    affinity.add_argument("--lr", type=float, default=None,
+                          help="lookahead SGD step size (default: task_affinity's)")
+    affinity.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    affinity.add_argument("--out", default=None, help="output folder (default: runs/affinity-<date>-<time>)")
+    affinity.set_defaults(handler=_affinity)
 
     from . import bench
 

@@ -70,6 +70,7 @@ class OnePlusN:
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.clusters: dict[str, Cluster] = {}
         self.active: str | None = None
+        self.affinity = None  # set by add_clusters when it measures task affinity
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{c.name}: {c.task_names}" for c in self.clusters.values())
@@ -129,23 +130,13 @@ class OnePlusN:
             self.active = name
         return self.clusters[name].adapters
 
-    def cluster_of(self, task: str) -> Cluster:
-        """The cluster that serves ``task``."""
-        for cluster in self.clusters.values():
-            if task in cluster.task_names:
-                return cluster
-        known = {c.name: c.task_names for c in self.clusters.values()}
-        raise TaskRoutingError(f"unknown task {task!r}; clusters and their tasks: {known}")
+    def deactivate(self) -> None:
+        """Take the active cluster's adapters out: the central model is its base model again.
 
-    def activate(self, name: str) -> CGCAdapters:
-        """Put cluster ``name``'s adapters into the central model (and take the others out)."""
-        if name not in self.clusters:
-            raise KeyError(f"no cluster {name!r}; clusters: {list(self.clusters)}")
-        if self.active != name:
-            self._deactivate()
-            self.clusters[name].adapters.attach()
-            self.active = name
-        return self.clusters[name].adapters
+        Needed before anything else adapts the same model (``inject``, another framework);
+        a later ``generate``, ``evaluate`` or ``activate`` puts the right cluster back.
+        """
+        self._deactivate()
 
     def _deactivate(self) -> None:
         if self.active is not None:
@@ -164,6 +155,44 @@ class OnePlusN:
             )
         self.activate(owner.name)
         return owner, owner.task_names.index(task)
+
+    def add_clusters(self, tasks: Sequence[Task], config: CGCConfig,
+                     clusters: dict[str, Sequence[str]] | None = None, n_clusters: int = 2,
+                     method: str = "gradient", **affinity_kw) -> dict[str, list[str]]:
+        """Add one cluster per group of ``tasks``: groups given, or found by inter-task affinity.
+
+        ``clusters`` (``{name: [task names]}``, e.g. ``data.DEFAULT_CLUSTERS``) is prior
+        knowledge, taken as it is. Without it, the affinity of ``tasks`` is measured on the central
+        model alone (the active cluster is taken out first) by ``affinity.task_affinity`` with
+        ``method`` and ``affinity_kw`` (``max_length`` defaults to the framework's), kept on
+        ``self.affinity``, and cut by ``affinity.cluster_tasks`` into ``n_clusters`` clusters
+        named ``cluster1``, ``cluster2``... Every group then gets ``add_cluster(name, its tasks,
+        config)``; nothing is added unless every group can be. Returns ``{name: [task names]}``.
+        """
+        from .affinity import cluster_tasks, task_affinity
+
+        by_name = {t.name: t for t in tasks}
+        if clusters is None:
+            self._deactivate()
+            affinity_kw.setdefault("max_length", self.max_length)
+            self.affinity = task_affinity(self.model, self.tokenizer, tasks, method, **affinity_kw)
+            clusters = cluster_tasks(self.affinity, n_clusters)
+        groups = {name: list(members) for name, members in clusters.items()}
+        placed = [t for members in groups.values() for t in members]
+        taken = {t.name for c in self.clusters.values() for t in c.tasks}
+        problems = {
+            "unknown tasks": sorted(set(placed) - set(by_name)),
+            "tasks in no cluster": [t for t in by_name if t not in placed],
+            "tasks in two clusters": sorted({t for t in placed if placed.count(t) > 1}),
+            "cluster names in use already": [n for n in groups if n in self.clusters],
+            "tasks that belong to a cluster already": [t for t in placed if t in taken],
+        }
+        for problem, found in problems.items():
+            if found:
+                raise ValueError(f"cannot add clusters {groups}: {problem} {found}")
+        for name, members in groups.items():
+            self.add_cluster(name, [by_name[t] for t in members], config)
+        return groups
 
     # --- training -------------------------------------------------------------------------
     def train_cluster(self, name: str, config: TrainConfig, batch_size: int = 8,

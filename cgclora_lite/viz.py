@@ -2,7 +2,10 @@
 
 * ``score_bars``: per-task scores by method (the seesaw at a glance);
 * ``training_curves``: training loss against step, one line per method and cluster;
-* ``gate_heatmap``: the gate weights of one cluster, task x expert (mean over layers, or one layer).
+* ``gate_heatmap``: the gate weights of one cluster, task x expert (mean over layers, or one layer);
+* ``layer_gate_heatmap``: one task's gate weights, layer x expert (all layers or one module kind);
+* ``count_parameters``: the parameter counts of an expert configuration, from layer shapes only;
+* ``affinity_clustermap``: a task affinity matrix, clustered, coloured by cluster (see ``affinity``).
 
 Each takes plain data (a pandas DataFrame or a ``GateWeights``), so notebooks and widgets can call
 them with anything they computed.
@@ -10,10 +13,13 @@ them with anything they computed.
 
 from __future__ import annotations
 
+import re
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from .cgc import CGCConfig
 from .inject import GateWeights
 
 
@@ -74,3 +80,169 @@ def gate_heatmap(gates: GateWeights, layer: str | int | None = None,
     plt.setp(ax.get_xticklabels(), ha="right")
     fig.tight_layout()
     return fig
+
+
+# --- the gate explorer's views and the expert panel's parameter count ---------------------------
+
+def module_names(gates: GateWeights) -> list[str]:
+    """The kinds of adapted module (last name part: ``q_proj``, ``up_proj``...), in model order."""
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in gates.layers))
+
+
+def short_layer_name(name: str, with_module: bool = True) -> str:
+    """``model.layers.12.self_attn.q_proj`` -> ``12 q_proj`` (or ``12``); other names unchanged."""
+    block = re.search(r"(?:^|\.)(\d+)\.", name)
+    if block is None:
+        return name
+    return f"{block.group(1)} {name.rsplit('.', 1)[-1]}" if with_module else block.group(1)
+
+
+MAX_ANNOTATED_ROWS = 40
+"""``layer_gate_heatmap`` prints the weights in the cells up to this many rows (layers)."""
+
+
+def layer_gate_heatmap(gates: GateWeights, task: str | int, module: str | None = None,
+                       title: str | None = None) -> plt.Figure:
+    """Layer x expert heatmap of one task's gate weights, over the experts that task may use.
+
+    Rows: every adapted layer, or only those whose name ends with ``module`` (``"q_proj"``).
+    Colour: the weight against the uniform mix ``1/K`` (K = experts the task may use), white at
+    uniform, so that small moves of a short training run show; the cells print the weights.
+    Each row sums to 1 (a softmax); the experts of other tasks are left out (their weight is 0).
+    Above ``MAX_ANNOTATED_ROWS`` rows (all 210 projections of SmolLM2), rows are thin and unnumbered.
+    """
+    t = gates.tasks.index(task) if isinstance(task, str) else int(task)
+    if not 0 <= t < len(gates.tasks):
+        raise ValueError(f"task {task!r} not in {gates.tasks}")
+    rows = [i for i, name in enumerate(gates.layers)
+            if module is None or name == module or name.endswith("." + module)]
+    if not rows:
+        raise ValueError(f"no adapted layer is a {module!r}; adapted modules: {module_names(gates)}")
+    usable = gates.weights[:, t].sum(0) > 0  # (expert,): the experts task t may use
+    weights = gates.weights[rows][:, t][:, usable]  # (rows, usable experts)
+    experts = [e for e, ok in zip(gates.experts, usable.tolist()) if ok]
+    labels = [short_layer_name(gates.layers[i], with_module=module is None) for i in rows]
+    frame = pd.DataFrame(weights.numpy(), index=labels, columns=experts)
+    uniform = 1 / len(experts)
+    spread = max(float((weights - uniform).abs().max()), 0.02)
+    few = len(rows) <= MAX_ANNOTATED_ROWS  # many rows: thinner, no numbers, some row labels
+    fig, ax = plt.subplots(figsize=(2.6 + 0.9 * len(experts), 1.5 + (0.24 if few else 0.06) * len(rows)))
+    sns.heatmap(frame, annot=few, fmt=".3f", annot_kws={"fontsize": 7}, cmap="vlag",
+                center=uniform, vmin=uniform - spread, vmax=uniform + spread,
+                yticklabels=True if few else "auto",
+                cbar_kws={"label": f"gate weight (white: uniform 1/{len(experts)})"}, ax=ax)
+    which = f"{module} layers" if module else "all adapted layers"
+    ax.set(xlabel="expert", ylabel="layer" if module else "layer and module",
+           title=title or f"Gate weights of task {gates.tasks[t]!r} ({which})")
+    ax.grid(False)
+    ax.tick_params(axis="x", rotation=35)
+    ax.tick_params(axis="y", rotation=0, labelsize=7 if len(rows) > 20 else 9)
+    plt.setp(ax.get_xticklabels(), ha="right")
+    fig.tight_layout()
+    return fig
+
+
+def target_shapes(model, config: CGCConfig) -> dict[str, tuple[int, int]]:
+    """``{module name: (d_out, d_in)}`` of every linear layer ``inject(model, config, ...)`` adapts.
+
+    The model must not have adapters attached (their layers are no longer ``nn.Linear``).
+    """
+    from .inject import attached_adapters, find_targets
+
+    if attached_adapters(model) is not None:
+        raise ValueError("the model has CGC-LoRA adapters attached: detach() them (or call the "
+                         "framework's deactivate()) before reading its layer shapes")
+    names = find_targets(model, config.target_modules, config.exclude_modules)
+    return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
+
+
+def count_parameters(model_or_shapes, config: CGCConfig, n_tasks: int) -> dict[str, int]:
+    """Parameter counts of CGC-LoRA adapters with ``config`` for ``n_tasks`` tasks, without building them.
+
+    ``model_or_shapes``: a model (its targets are found as ``inject`` finds them), a dict
+    ``{name: (d_out, d_in)}`` (``target_shapes``), or a list of ``(d_out, d_in)``. Per adapted
+    layer, an expert of rank r has ``r * (d_in + d_out)`` parameters (A: r x d_in, B: d_out x r)
+    and a task gate ``T * D + (K_c + K_s) * D`` (task embeddings T x D, map G (K_c + K_s) x D),
+    one per layer or one in all (``gate_scope``). Returns a dict:
+
+    * ``adapted_layers``, ``active_rank`` (r_active: the rank one task sees), ``total_rank`` (R
+      per layer, all experts of all tasks);
+    * ``common``, ``specific`` (all tasks), ``specific_per_task``, ``gate``: the parts;
+    * ``trainable``: their sum, equal to ``inject(...).num_trainable()``;
+    * ``per_task``: the expert parameters one task uses, ``common + specific_per_task``: the size
+      of the plain LoRA of rank r_active that exports that task (``export_factors``).
+    """
+    if n_tasks < 1:
+        raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
+    if isinstance(model_or_shapes, dict):
+        shapes = list(model_or_shapes.values())
+    elif isinstance(model_or_shapes, (list, tuple)):
+        shapes = list(model_or_shapes)
+    else:
+        shapes = list(target_shapes(model_or_shapes, config).values())
+    if not shapes:
+        raise ValueError("no layer shapes: nothing would be adapted")
+    width = sum(d_out + d_in for d_out, d_in in shapes)  # one rank column in every layer
+    common = sum(config.common_ranks) * width
+    specific_per_task = sum(config.specific_ranks) * width
+    gate = 0
+    if config.gate == "task":
+        one_gate = (n_tasks + config.n_common + config.n_specific) * config.task_embedding_dim
+        gate = one_gate * (len(shapes) if config.gate_scope == "layer" else 1)
+    return {
+        "adapted_layers": len(shapes),
+        "active_rank": config.r_active,
+        "total_rank": sum(config.common_ranks) + n_tasks * sum(config.specific_ranks),
+        "common": common,
+        "specific": n_tasks * specific_per_task,
+        "specific_per_task": specific_per_task,
+        "gate": gate,
+        "trainable": common + n_tasks * specific_per_task + gate,
+        "per_task": common + specific_per_task,
+    }
+
+
+# --- task affinity ----------------------------------------------------------------------------
+
+def affinity_clustermap(affinity: "Affinity", clusters: dict[str, list[str]] | None = None,
+                        linkage: str = "average", title: str | None = None) -> plt.Figure:
+    """Seaborn clustermap of a task affinity matrix (rows: source task i, columns: target task j).
+
+    Rows and columns are ordered by the dendrogram of ``cluster_tasks`` (``affinity_linkage``:
+    the same tree for both, so the diagonal stays the diagonal), cells print the values, and the
+    colour is centred on 0 (red: i helps j, blue: i hurts j) and scaled to the off-diagonal cells
+    (a task's affinity with itself is the largest and would wash the others out). With ``clusters`` (as returned by
+    ``cluster_tasks``), row and column labels get one colour per cluster, with a legend.
+    """
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    from .affinity import affinity_linkage
+
+    tree = affinity_linkage(affinity, linkage)  # raises for fewer than two tasks
+    frame = affinity.matrix.rename_axis(index="source task i", columns="target task j")
+    colors, handles = None, []
+    if clusters is not None:
+        where = {task: name for name, members in clusters.items() for task in members}
+        missing = [t for t in affinity.tasks if t not in where]
+        if missing:
+            raise ValueError(f"tasks {missing} are in no cluster of {clusters}")
+        palette = dict(zip(clusters, sns.color_palette("colorblind", len(clusters))))
+        colors = pd.Series([palette[where[t]] for t in affinity.tasks], index=affinity.tasks,
+                           name="cluster")
+        handles = [Patch(color=c, label=name) for name, c in palette.items()]
+    size = 3.2 + 0.9 * len(affinity.tasks)
+    off_diagonal = ~np.eye(len(affinity.tasks), dtype=bool)  # (T, T)
+    spread = float(np.abs(frame.to_numpy()[off_diagonal]).max()) or 1.0
+    label = {"gradient": "gradient cosine", "lookahead": "lookahead affinity Z"}.get(
+        affinity.method, affinity.method)
+    grid = sns.clustermap(frame, row_linkage=tree, col_linkage=tree, row_colors=colors,
+                          col_colors=colors, annot=True, fmt=".2f" if spread >= 0.1 else ".3f",
+                          cmap="vlag", center=0,
+                          vmin=-spread, vmax=spread, figsize=(size, size), dendrogram_ratio=0.15)
+    grid.ax_heatmap.tick_params(axis="y", rotation=0)
+    if handles:
+        grid.ax_col_dendrogram.legend(handles=handles, title="cluster", loc="center left",
+                                      bbox_to_anchor=(1.02, 0.5), fontsize=8, title_fontsize=9)
+    grid.figure.suptitle(title or f"Task affinity ({label})", y=1.02)
+    return grid.figure

@@ -7,6 +7,8 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real embedded model or data (tens of seconds)")
+    config.addinivalue_line("markers", "browser: drives a real browser (chromium + playwright) against "
+                            "JupyterLab; skipped without them unless CI is set (make browser-deps)")
 
 
 @pytest.fixture(autouse=True)

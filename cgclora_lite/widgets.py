@@ -1,0 +1,388 @@
+"""Interactive panels for notebooks: they only wire ``viz`` and the 1+N framework together.
+
+* ``GateExplorer``: dropdowns over clusters' gate weights (cluster, task, module kind, layer) and
+  two heatmaps that follow them: task x expert for one layer (or the mean over layers), and
+  layer x expert for one task.
+* ``ExpertPanel``: sliders for the number of common and specific experts and their rank, the
+  parameter count of that configuration (updated as a slider moves, computed from layer shapes by
+  ``viz.count_parameters``), and a Train button that trains fresh adapters of that configuration
+  (``train_and_score``: ``OnePlusN`` + ``train`` + ``evaluate``), then draws their gate weights
+  and the test score of every run so far.
+
+Core widgets only, so they work with ipywidgets 7.6+ (Colab ships 7.7) and 8. Every widget carries
+a stable CSS class (``cgclora-...``, see ``CLASSES``) for browser tests. Callbacks draw into an
+``Output`` widget and end with ``plt.show()`` (otherwise figures pile up in some front ends).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator, Mapping, Sequence
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import display
+
+from . import viz
+from .cgc import CGCConfig
+from .data import Task
+from .framework import OnePlusN
+from .inject import GateWeights, attached_adapters
+from .train import TrainConfig
+
+MEAN = "mean over layers"
+"""The layer dropdown's first choice: the gate weights averaged over all layers shown."""
+ALL_MODULES = "all modules"
+"""The module dropdown's first choice: no filter on the kind of module."""
+CLASSES = {
+    "explorer": "cgclora-gate-explorer", "cluster": "cgclora-cluster", "task": "cgclora-task",
+    "module": "cgclora-module", "layer": "cgclora-layer", "gate_plot": "cgclora-gate-plot",
+    "panel": "cgclora-expert-panel", "common": "cgclora-common-experts",
+    "specific": "cgclora-specific-experts", "rank": "cgclora-rank", "count": "cgclora-param-count",
+    "train": "cgclora-train", "status": "cgclora-train-status", "panel_plot": "cgclora-panel-plot",
+}
+"""CSS class of each widget (``widget.add_class``): how a browser test finds it on the page."""
+_WIDE = {"description_width": "initial"}  # descriptions are not cut to the default width
+_SLIDER_STYLE = {"description_width": "210px"}  # one width for all sliders, so their tracks align
+_SLIDER_LAYOUT = {"width": "520px"}
+
+
+def _tag(widget: W.DOMWidget, key: str) -> W.DOMWidget:
+    widget.add_class(CLASSES[key])
+    return widget
+
+
+# --- training one configuration ----------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What one ``train_and_score`` run gives: its configuration, gates, scores and cost.
+
+    ``gates`` is None for an ungated configuration; ``scores`` maps task name -> headline test
+    score; ``history`` is the training log (one dict per step); ``trainable`` counts parameters.
+    """
+
+    label: str
+    config: CGCConfig
+    gates: GateWeights | None
+    scores: dict[str, float]
+    history: list[dict]
+    trainable: int
+    seconds: float
+
+
+@contextmanager
+def borrowed(model) -> Iterator[None]:
+    """Take the adapters attached to ``model`` (if any) out for the block, and put them back after.
+
+    So a panel can train its own adapters on a central model that a ``OnePlusN`` framework also
+    uses: the framework's active cluster is unchanged afterwards.
+    """
+    previous = attached_adapters(model)
+    if previous is not None:
+        previous.detach()  # raises if a task is merged: unmerge() first
+    try:
+        yield
+    finally:
+        if previous is not None:
+            previous.attach()
+
+
+def train_and_score(model, tokenizer, tasks: Sequence[Task], config: CGCConfig,
+                    train_config: TrainConfig, batch_size: int = 8, max_length: int = 80,
+                    eval_limit: int | None = None, progress: bool = True,
+                    label: str = "run") -> TrainResult:
+    """Train fresh CGC-LoRA adapters with ``config`` on ``tasks`` (one cluster) and score them.
+
+    The package's own path: ``OnePlusN.add_cluster`` (``inject``), ``train_cluster`` (task-balanced
+    batches, ``train``), ``evaluate`` (greedy generation on the test split, at most ``eval_limit``
+    examples per task). The adapters are taken out of the model afterwards, and whatever adapters
+    were attached before are put back (``borrowed``).
+    """
+    start = time.perf_counter()
+    with borrowed(model):
+        framework = OnePlusN(model, tokenizer, max_length)
+        cluster = framework.add_cluster("panel", list(tasks), config)
+        try:
+            history = framework.train_cluster("panel", train_config, batch_size, progress)
+            scores = framework.evaluate(list(tasks), limit=eval_limit)
+            gates = cluster.adapters.gate_weights() if config.gate == "task" else None
+            trainable = cluster.adapters.num_trainable()
+        finally:
+            cluster.adapters.unmerge()
+            cluster.adapters.detach()
+    return TrainResult(label, config, gates, {t: s["score"] for t, s in scores.items()}, history,
+                       trainable, time.perf_counter() - start)
+
+
+# --- the gate explorer -------------------------------------------------------------------------
+
+class GateExplorer(W.VBox):
+    """Dropdowns (cluster, task, module, layer) over gate weights, and two heatmaps that follow them.
+
+    Args:
+        gates: ``{cluster name: GateWeights}`` (e.g. ``adapters.gate_weights()`` of each cluster,
+            or of one cluster before and after training), or a single ``GateWeights``.
+
+    The figures: ``viz.gate_heatmap`` (task x expert) of the chosen layer or the mean over the
+    layers of the chosen module kind, and ``viz.layer_gate_heatmap`` (layer x expert) of the
+    chosen task. ``figures`` holds the two last drawn; ``add`` adds a cluster and shows it. The
+    module dropdown starts on every layer, or on the first kind of module if there are more than
+    ``viz.MAX_ANNOTATED_ROWS`` layers.
+    """
+
+    def __init__(self, gates: Mapping[str, GateWeights] | GateWeights):
+        super().__init__()
+        self.gates: dict[str, GateWeights] = (
+            {"cluster": gates} if isinstance(gates, GateWeights) else dict(gates))
+        if not self.gates:
+            raise ValueError("GateExplorer needs the gate weights of at least one cluster")
+        self.figures: list[plt.Figure] = []
+        self._holding = False
+        self.cluster_dropdown = _tag(W.Dropdown(options=list(self.gates), description="cluster",
+                                                style=_WIDE), "cluster")
+        self.task_dropdown = _tag(W.Dropdown(description="task", style=_WIDE), "task")
+        self.module_dropdown = _tag(W.Dropdown(description="module", style=_WIDE), "module")
+        self.layer_dropdown = _tag(W.Dropdown(description="layer", style=_WIDE), "layer")
+        self.plot = _tag(W.Output(), "gate_plot")
+        self.children = [W.HBox([self.cluster_dropdown, self.task_dropdown]),
+                         W.HBox([self.module_dropdown, self.layer_dropdown]), self.plot]
+        _tag(self, "explorer")
+        self.cluster_dropdown.observe(lambda _: self._holding or self._show_cluster(), names="value")
+        self.module_dropdown.observe(lambda _: self._module_changed(), names="value")
+        for dropdown in (self.task_dropdown, self.layer_dropdown):
+            dropdown.observe(lambda _: self.draw(), names="value")
+        self._show_cluster()
+
+    @contextmanager
+    def _hold(self) -> Iterator[None]:
+        """Change several dropdowns without a redraw for each (nests)."""
+        previous, self._holding = self._holding, True
+        try:
+            yield
+        finally:
+            self._holding = previous
+
+    @staticmethod
+    def _set(dropdown: W.Dropdown, options: list, keep) -> None:
+        """Give ``dropdown`` new options, keeping its value if it is still one of them."""
+        values = [o[1] if isinstance(o, tuple) else o for o in options]
+        dropdown.options = options
+        dropdown.value = keep if keep in values else values[0]
+
+    def _layer_options(self) -> list[tuple[str, str]]:
+        gates, module = self.current_gates, self._module()
+        layers = [n for n in gates.layers if module is None or n.rsplit(".", 1)[-1] == module]
+        return [(MEAN, MEAN)] + [(viz.short_layer_name(n), n) for n in layers]
+
+    def _show_cluster(self) -> None:
+        gates = self.current_gates
+        modules = viz.module_names(gates)
+        # the first choice: every layer if few, else the first kind of module (30 rows, not 210)
+        first = ALL_MODULES if len(gates.layers) <= viz.MAX_ANNOTATED_ROWS else modules[0]
+        with self._hold():
+            self._set(self.task_dropdown, list(gates.tasks), self.task_dropdown.value)
+            self._set(self.module_dropdown, [ALL_MODULES] + modules, self.module_dropdown.value or first)
+            self._set(self.layer_dropdown, self._layer_options(), self.layer_dropdown.value)
+        self.draw()
+
+    def _module_changed(self) -> None:
+        if self._holding:
+            return
+        with self._hold():
+            self._set(self.layer_dropdown, self._layer_options(), self.layer_dropdown.value)
+        self.draw()
+
+    def _module(self) -> str | None:
+        value = self.module_dropdown.value
+        return None if value in (None, ALL_MODULES) else value
+
+    @property
+    def current_gates(self) -> GateWeights:
+        return self.gates[self.cluster_dropdown.value]
+
+    def add(self, name: str, gates: GateWeights, show: bool = True) -> None:
+        """Add (or replace) cluster ``name``; with ``show``, select it."""
+        self.gates[name] = gates
+        current = self.cluster_dropdown.value
+        with self._hold():
+            self.cluster_dropdown.options = list(self.gates)
+            self.cluster_dropdown.value = name if show else current
+        self._show_cluster()
+
+    def draw(self) -> None:
+        """Redraw both heatmaps for the current choices (into ``plot``; kept in ``figures``)."""
+        if self._holding:
+            return
+        gates, module, layer = self.current_gates, self._module(), self.layer_dropdown.value
+        cluster, task = self.cluster_dropdown.value, self.task_dropdown.value
+        if layer == MEAN:
+            if module is None:
+                by_task = gates
+            else:  # the mean over this kind of module only
+                keep = [i for i, n in enumerate(gates.layers) if n.rsplit(".", 1)[-1] == module]
+                by_task = GateWeights(gates.weights[keep], [gates.layers[i] for i in keep],
+                                      gates.tasks, gates.experts)
+            title = (f"{cluster}: gate weights, mean over {len(by_task.layers)} "
+                     f"{module + ' ' if module else ''}layers")
+            layer_arg = None
+        else:
+            by_task, layer_arg = gates, layer
+            title = f"{cluster}: gate weights of layer {viz.short_layer_name(layer)}"
+        self.plot.clear_output(wait=True)
+        with self.plot:
+            for figure in self.figures:
+                plt.close(figure)
+            self.figures = [
+                viz.gate_heatmap(by_task, layer=layer_arg, title=title),
+                viz.layer_gate_heatmap(gates, task, module,
+                                       title=f"{cluster}: task {task!r}, gate weights by layer"),
+            ]
+            plt.show()
+
+
+# --- the expert panel --------------------------------------------------------------------------
+
+class ExpertPanel(W.VBox):
+    """Sliders for an expert configuration, its parameter count, and a button that trains it.
+
+    Args:
+        model, tokenizer: the central model (adapters it has attached are put aside while the
+            panel trains, then put back) and its tokenizer.
+        tasks: the cluster's tasks, with train and test examples.
+        config: the starting configuration (default 2 common + 2 specific experts of rank 2).
+            The sliders set ``n_common``, ``n_specific`` and one rank for every expert; the rest
+            (alpha, gate, target modules...) stays as in ``config``.
+        train_config, batch_size, max_length: the training budget of one press of Train.
+        eval_limit: test examples per task scored after training (None: all).
+        progress: show the training progress bar.
+        explorer: a ``GateExplorer`` to which each run's gates are added.
+
+    ``runs`` lists every ``TrainResult``; ``counts`` is the current configuration's
+    ``viz.count_parameters``; ``figures`` holds the last figures drawn.
+    """
+
+    def __init__(self, model, tokenizer, tasks: Sequence[Task], config: CGCConfig | None = None, *,
+                 train_config: TrainConfig | None = None, batch_size: int = 8, max_length: int = 80,
+                 eval_limit: int | None = None, progress: bool = True,
+                 explorer: GateExplorer | None = None, max_experts: int = 4, max_rank: int = 16):
+        super().__init__()
+        config = config or CGCConfig(n_common=2, n_specific=2, rank_common=2, rank_specific=2)
+        self.model, self.tokenizer, self.tasks = model, tokenizer, list(tasks)
+        self.base_config = config
+        self.train_config = train_config or TrainConfig(steps=16, lr=2e-3)
+        self.batch_size, self.max_length, self.eval_limit = batch_size, max_length, eval_limit
+        self.progress, self.explorer = progress, explorer
+        self.runs: list[TrainResult] = []
+        self.figures: list[plt.Figure] = []
+        self.counts: dict[str, int] | None = None
+        with borrowed(model):
+            self.shapes = viz.target_shapes(model, config)  # {name: (d_out, d_in)}
+        rank = (config.common_ranks or config.specific_ranks)[0]
+
+        def slider(value: int, low: int, high: int, description: str, key: str) -> W.IntSlider:
+            return _tag(W.IntSlider(value=value, min=low, max=max(high, value), description=description,
+                                    style=_SLIDER_STYLE, layout=W.Layout(**_SLIDER_LAYOUT),
+                                    continuous_update=True), key)
+
+        self.common_slider = slider(config.n_common, 0, max_experts, "common experts (K_c)", "common")
+        self.specific_slider = slider(config.n_specific, 0, max_experts, "specific experts per task (K_s)",
+                                      "specific")
+        self.rank_slider = slider(rank, 1, max_rank, "rank of each expert (r)", "rank")
+        self.count_label = _tag(W.HTML(), "count")
+        self.train_button = _tag(W.Button(description="Train", button_style="primary", icon="play",
+                                          tooltip="train fresh adapters with this configuration"),
+                                 "train")
+        self.status = _tag(W.HTML("Press <b>Train</b> to train this configuration "
+                                  f"({self.train_config.steps} steps of {batch_size} examples)."),
+                           "status")
+        self.plot = _tag(W.Output(), "panel_plot")
+        self.children = [self.common_slider, self.specific_slider, self.rank_slider, self.count_label,
+                         W.HBox([self.train_button, self.status]), self.plot]
+        _tag(self, "panel")
+        for s in (self.common_slider, self.specific_slider, self.rank_slider):
+            s.observe(lambda _: self.update_count(), names="value")
+        self.train_button.on_click(lambda _: self.train())
+        self.update_count()
+
+    @property
+    def config(self) -> CGCConfig:
+        """The configuration the sliders describe (raises ValueError if it has no expert)."""
+        rank = self.rank_slider.value
+        return replace(self.base_config, n_common=self.common_slider.value,
+                       n_specific=self.specific_slider.value, rank_common=rank, rank_specific=rank)
+
+    def update_count(self) -> None:
+        """Recompute the parameter count of the sliders' configuration (no model is built)."""
+        try:
+            config = self.config
+        except ValueError as error:  # e.g. no expert at all
+            self.counts = None
+            self.count_label.value = f"<span style='color:#b00020'>Not a valid configuration: {error}</span>"
+            self.train_button.disabled = True
+            return
+        self.counts = c = viz.count_parameters(self.shapes, config, len(self.tasks))
+        self.count_label.value = (
+            f"<b>{c['trainable']:,}</b> trainable parameters ({config.method}, {c['adapted_layers']} "
+            f"layers, {len(self.tasks)} tasks): active rank {c['active_rank']}, "
+            f"{c['per_task']:,} per task as a plain LoRA, gates {c['gate']:,}")
+        self.train_button.disabled = False
+
+    def train(self) -> TrainResult | None:
+        """Train the sliders' configuration (what the Train button does); draw and return the run.
+
+        Returns None if training failed: in a notebook the traceback shows in the panel.
+        """
+        config = self.config
+        label = (f"#{len(self.runs) + 1} {config.n_common}c+{config.n_specific}s "
+                 f"r{self.rank_slider.value}")
+        self.train_button.disabled = True
+        self.status.value = f"Training {label}..."
+        result = None
+        try:
+            self.plot.clear_output(wait=True)
+            with self.plot:  # the progress bar, or a traceback, goes here
+                result = train_and_score(self.model, self.tokenizer, self.tasks, config,
+                                         self.train_config, self.batch_size, self.max_length,
+                                         self.eval_limit, self.progress, label)
+        finally:
+            self.train_button.disabled = False
+        if result is None:
+            self.status.value = f"{label} failed: see the error below."
+            return None
+        self.runs.append(result)
+        if self.explorer is not None and result.gates is not None:
+            self.explorer.add(f"panel {label}", result.gates)
+        self.draw()
+        scores = ", ".join(f"{t} {s:.2f}" for t, s in result.scores.items())
+        self.status.value = (f"{label}: {self.train_config.steps} steps in {result.seconds:.0f} s; "
+                             f"test scores {scores}")  # last: says that everything is drawn
+        return result
+
+    def score_table(self) -> pd.DataFrame:
+        """One row per run: its configuration, trainable parameters, seconds and task scores."""
+        return pd.DataFrame([{"run": r.label, "method": r.config.method,
+                              "trainable": r.trainable, "seconds": round(r.seconds, 1), **r.scores}
+                             for r in self.runs]).set_index("run")
+
+    def draw(self) -> None:
+        """Draw the last run's gate weights and every run's test scores (into ``plot``)."""
+        if not self.runs:
+            return
+        last = self.runs[-1]
+        scores = pd.DataFrame([{"task": t, "method": r.label, "score": s}
+                               for r in self.runs for t, s in r.scores.items()])
+        self.plot.clear_output(wait=True)
+        with self.plot:
+            for figure in self.figures:
+                plt.close(figure)
+            self.figures = []  # in the order plt.show() draws them (creation order)
+            if last.gates is not None:
+                self.figures.append(viz.gate_heatmap(
+                    last.gates, title=f"{last.label}: gate weights (mean over layers)"))
+            self.figures.append(viz.score_bars(scores, title="Test score per task and run"))
+            plt.show()
+            display(self.score_table())

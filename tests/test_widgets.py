@@ -1,0 +1,229 @@
+"""The gate explorer and expert panel: their pure functions, their wiring, and the Train handler.
+
+No browser here (see test_browser.py): widget values are set from Python, as a front end would.
+"""
+
+import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+import torch
+from matplotlib._pylab_helpers import Gcf
+
+from cgclora_lite import CGCConfig, GateWeights, attached_adapters, inject, viz, widgets
+from cgclora_lite.experiment import method_config
+from cgclora_lite.framework import OnePlusN
+from cgclora_lite.models import tiny_model
+from cgclora_lite.train import TrainConfig
+
+matplotlib.use("Agg")
+pytestmark = pytest.mark.filterwarnings("ignore:FigureCanvasAgg is non-interactive")
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+CONFIGS = {
+    "default": CGCConfig(),
+    **{m: method_config(m) for m in ("lora", "per-task-lora", "moelora", "cgc-1+n")},
+    "shared gate": CGCConfig(n_common=3, n_specific=1, gate_scope="shared", task_embedding_dim=8),
+    "mixed ranks": CGCConfig(n_common=2, n_specific=2, rank_common=[4, 2], rank_specific=[3, 1]),
+    "q and v only": CGCConfig(n_common=1, n_specific=2, target_modules=["q_proj", "v_proj"]),
+    "no gate": CGCConfig(n_common=1, n_specific=1, gate="none"),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from cgclora_lite.models import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def classify_tasks():
+    from cgclora_lite.data import load_default_tasks
+
+    return load_default_tasks(train=8, test=2)[:2]  # topic, sentiment
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("n_tasks", [1, 3])
+def test_count_parameters_equals_a_real_injection(name, n_tasks):
+    config = CONFIGS[name]
+    model = tiny_model(seed=0, vocab_size=128)
+    counts = viz.count_parameters(model, config, n_tasks)  # from shapes: nothing is built
+    assert attached_adapters(model) is None
+    adapters = inject(model, config, [f"t{i}" for i in range(n_tasks)])
+    assert counts["trainable"] == adapters.num_trainable()
+    assert counts["adapted_layers"] == len(adapters.layers)
+    assert counts["active_rank"] == config.r_active
+    assert counts["total_rank"] == next(iter(adapters.layers.values())).lora_A.shape[0]
+    gate = sum(p.numel() for layer in adapters.layers.values() if layer.gate is not None
+               for p in layer.gate.parameters())
+    gate += sum(p.numel() for p in adapters.shared_gate.parameters()) if adapters.shared_gate else 0
+    assert counts["gate"] == gate
+    # per task: exactly the plain LoRA that exports one task
+    exported = sum(sum(f.numel() for f in layer.export_factors(0)) for layer in adapters.layers.values())
+    assert counts["per_task"] == exported
+    assert counts["trainable"] == counts["common"] + counts["specific"] + counts["gate"]
+
+
+def test_count_parameters_takes_shapes_and_refuses_nonsense():
+    config = CGCConfig(n_common=1, n_specific=1, rank_common=2, rank_specific=3, gate="none")
+    by_list = viz.count_parameters([(10, 20), (5, 20)], config, n_tasks=2)
+    # common: 2 * (30 + 25); specific: 2 tasks * 3 * (30 + 25)
+    assert by_list["common"] == 110 and by_list["specific"] == 330 and by_list["trainable"] == 440
+    assert viz.count_parameters({"a": (10, 20), "b": (5, 20)}, config, 2) == by_list
+    with pytest.raises(ValueError, match="n_tasks"):
+        viz.count_parameters([(10, 20)], config, 0)
+    model = tiny_model(seed=0, vocab_size=128)
+    inject(model, config, ["a", "b"])
+    with pytest.raises(ValueError, match="detach"):
+        viz.count_parameters(model, config, 2)
+
+
+def _gates() -> GateWeights:
+    """2 blocks x (q_proj, v_proj), tasks a and b, 1 common + 1 specific expert each."""
+    layers = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    w = torch.tensor([[[0.6, 0.4, 0.0], [0.3, 0.0, 0.7]],
+                      [[0.5, 0.5, 0.0], [0.2, 0.0, 0.8]],
+                      [[0.9, 0.1, 0.0], [0.1, 0.0, 0.9]],
+                      [[0.4, 0.6, 0.0], [0.5, 0.0, 0.5]]])  # (layer, task, expert)
+    return GateWeights(w, layers, ["a", "b"], ["common1", "a/specific1", "b/specific1"])
+
+
+def test_layer_gate_heatmap_shows_one_task_by_layer_over_its_own_experts():
+    gates = _gates()
+    ax = viz.layer_gate_heatmap(gates, "b", module="q_proj").axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1"]  # block index of each q_proj
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["common1", "b/specific1"]  # not a's
+    assert [t.get_text() for t in ax.texts] == ["0.300", "0.700", "0.100", "0.900"]
+    assert "'b'" in ax.get_title()
+    ax = viz.layer_gate_heatmap(gates, 0).axes[0]  # task by id, every layer
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0 q_proj", "0 v_proj", "1 q_proj", "1 v_proj"]
+    assert [t.get_text() for t in ax.texts][:2] == ["0.600", "0.400"]
+    with pytest.raises(ValueError, match="adapted modules: \\['q_proj', 'v_proj'\\]"):
+        viz.layer_gate_heatmap(gates, "a", module="o_proj")
+    with pytest.raises(ValueError):
+        viz.layer_gate_heatmap(gates, "c")
+    assert viz.short_layer_name("lm_head") == "lm_head"
+
+
+def test_many_layers_thin_rows_and_the_explorer_starts_on_one_module():
+    blocks = 30
+    layers = [f"model.layers.{i}.mlp.{m}" for i in range(blocks) for m in ("up_proj", "down_proj")]
+    w = torch.tensor([0.5, 0.5, 0.0]).expand(len(layers), 1, 3)  # (layer, task, expert)
+    gates = GateWeights(w, layers, ["a"], ["common1", "a/specific1", "b/specific1"])
+    fig = viz.layer_gate_heatmap(gates, "a")  # 60 rows: no numbers in the cells
+    assert not fig.axes[0].texts and fig.get_size_inches()[1] < 6
+    assert len(viz.layer_gate_heatmap(gates, "a", module="up_proj").axes[0].texts) == 2 * blocks
+    explorer = widgets.GateExplorer(gates)
+    assert explorer.module_dropdown.value == "up_proj"
+    assert len(explorer.layer_dropdown.options) == 1 + blocks
+
+
+def _title(figure) -> str:
+    return figure.axes[0].get_title()
+
+
+def test_explorer_redraws_for_the_task_module_layer_and_cluster_chosen(monkeypatch):
+    calls = []
+    real = viz.layer_gate_heatmap
+    monkeypatch.setattr(viz, "layer_gate_heatmap",
+                        lambda gates, task, module=None, title=None: calls.append((task, module))
+                        or real(gates, task, module, title))
+    fresh = GateWeights(torch.tensor([[[0.5, 0.5, 0.0], [0.5, 0.0, 0.5]]] * 4), _gates().layers,
+                        ["a", "b"], _gates().experts)
+    explorer = widgets.GateExplorer({"trained": _gates(), "fresh": fresh})
+    assert calls == [("a", None)] and len(explorer.figures) == 2
+    explorer.task_dropdown.value = "b"
+    assert calls[-1] == ("b", None) and len(calls) == 2  # one redraw per change
+    assert "'b'" in _title(explorer.figures[1])
+    assert "mean over 4 layers" in _title(explorer.figures[0])
+
+    explorer.module_dropdown.value = "v_proj"
+    assert calls[-1] == ("b", "v_proj") and len(calls) == 3
+    assert [v for _, v in explorer.layer_dropdown.options] == [
+        widgets.MEAN, "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    assert "mean over 2 v_proj layers" in _title(explorer.figures[0])
+    explorer.layer_dropdown.value = "model.layers.1.self_attn.v_proj"
+    assert "layer 1 v_proj" in _title(explorer.figures[0])
+    texts = [t.get_text() for t in explorer.figures[0].axes[0].texts]
+    assert texts == ["0.40", "0.60", "0.50", "0.50"]  # that layer's weights, not the mean
+
+    old, n_calls = list(explorer.figures), len(calls)
+    explorer.cluster_dropdown.value = "fresh"  # choices kept where they still apply
+    assert len(calls) == n_calls + 1  # one redraw, although three dropdowns got new options
+    assert explorer.task_dropdown.value == "b" and explorer.module_dropdown.value == "v_proj"
+    assert _title(explorer.figures[0]).startswith("fresh:")
+    still_open = [m.canvas.figure for m in Gcf.get_all_fig_managers()]
+    assert not any(f is g for f in old for g in still_open)  # the old figures are closed
+
+    explorer.add("another", _gates())
+    assert explorer.cluster_dropdown.value == "another"
+    assert _title(explorer.figures[1]).startswith("another:")
+    explorer.add("not shown", _gates(), show=False)
+    assert explorer.cluster_dropdown.value == "another"
+    assert list(explorer.cluster_dropdown.options) == ["trained", "fresh", "another", "not shown"]
+    with pytest.raises(ValueError):
+        widgets.GateExplorer({})
+
+
+def test_panel_slider_updates_the_count_to_a_real_injection_count(tokenizer, classify_tasks):
+    model = tiny_model(seed=0)
+    panel = widgets.ExpertPanel(model, tokenizer, classify_tasks, progress=False)
+    assert f"<b>{panel.counts['trainable']:,}</b>" in panel.count_label.value
+    for slider, value in [(panel.specific_slider, 3), (panel.common_slider, 0), (panel.rank_slider, 5)]:
+        before = panel.count_label.value
+        slider.value = value
+        config = CGCConfig(n_common=panel.common_slider.value, n_specific=panel.specific_slider.value,
+                           rank_common=panel.rank_slider.value, rank_specific=panel.rank_slider.value)
+        expected = viz.count_parameters(tiny_model(seed=0), config, 2)
+        real = inject(tiny_model(seed=0), config, ["topic", "sentiment"]).num_trainable()
+        assert panel.counts == expected and expected["trainable"] == real
+        assert panel.count_label.value != before
+        assert f"<b>{real:,}</b> trainable parameters" in panel.count_label.value
+        assert f"active rank {config.r_active}," in panel.count_label.value
+    panel.specific_slider.value = 0  # no expert at all: said so, and Train is off
+    assert "Not a valid configuration" in panel.count_label.value and panel.train_button.disabled
+    panel.common_slider.value = 1
+    assert not panel.train_button.disabled
+
+
+def test_train_button_trains_scores_and_draws_leaving_the_model_as_it_was(tokenizer, classify_tasks):
+    model = tiny_model(seed=0)
+    framework = OnePlusN(model, tokenizer, max_length=64)  # a cluster already in the model
+    framework.add_cluster("classify", classify_tasks, CGCConfig(n_common=1, n_specific=1))
+    theirs = attached_adapters(model)
+    explorer = widgets.GateExplorer({"classify": theirs.gate_weights()})
+    panel = widgets.ExpertPanel(model, tokenizer, classify_tasks, progress=False, explorer=explorer,
+                                train_config=TrainConfig(steps=2, lr=1e-2), batch_size=4,
+                                max_length=64, eval_limit=2)
+    panel.rank_slider.value = 3
+    before = {k: v.clone() for k, v in theirs.state_dict().items()}
+    panel.train_button.click()  # what the front end does on a press
+
+    (run,) = panel.runs
+    assert run.label == "#1 2c+2s r3" and run.config.rank_common == 3
+    assert set(run.scores) == {"topic", "sentiment"} and all(0 <= s <= 1 for s in run.scores.values())
+    assert len(run.history) == 2 and run.trainable == panel.counts["trainable"]
+    assert run.gates.weights.shape == (len(panel.shapes), 2, 2 + 2 * 2)
+    assert torch.allclose(run.gates.weights.sum(-1), torch.ones(len(panel.shapes), 2))
+    assert "#1 2c+2s r3: 2 steps" in panel.status.value and not panel.train_button.disabled
+    assert [f.axes[0].get_title() for f in panel.figures] == [
+        "#1 2c+2s r3: gate weights (mean over layers)", "Test score per task and run"]
+    assert list(panel.score_table().index) == ["#1 2c+2s r3"]
+    assert explorer.cluster_dropdown.value == "panel #1 2c+2s r3"
+    # the framework's own adapters are back, untouched
+    assert attached_adapters(model) is theirs
+    assert all(torch.equal(before[k], v) for k, v in theirs.state_dict().items())
+
+    panel.common_slider.value = 0
+    panel.train()
+    assert [r.label for r in panel.runs] == ["#1 2c+2s r3", "#2 0c+2s r3"]
+    bars = panel.figures[-1].axes[0]
+    assert {t.get_text() for t in bars.get_legend().get_texts()} == {"#1 2c+2s r3", "#2 0c+2s r3"}
+    assert isinstance(panel.score_table(), pd.DataFrame) and len(panel.score_table()) == 2
