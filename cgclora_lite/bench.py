@@ -349,6 +349,27 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(threads)
 
 
+def benchmark(**options) -> dict:
+    """Run the benchmark from Python: ``benchmark(shape="cpu", layers=1, seq=32, steps=10)``.
+
+    The keywords are the command's options (``--no-sweeps`` is ``sweeps=False``); the rest keep
+    the command's defaults. The provenance records the equivalent command line.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    command = add_parser(parser.add_subparsers())
+    known = {a.dest for a in command._actions}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown benchmark options {unknown}; known: {sorted(known - {'help'})}")
+    args = command.parse_args([])
+    for key, value in options.items():
+        setattr(args, key, value)
+    args.argv = ["bench"] + [f"--{k.replace('_', '-')}" if v is True else
+                             f"--no-{k}" if (k == "sweeps" and v is False) else
+                             f"--{k.replace('_', '-')} {v}" for k, v in options.items()]
+    return run(args)
+
+
 def _run(args: argparse.Namespace) -> dict:
     if args.smoke:
         args.shape, args.warmup, args.steps, args.sweeps = "smoke", 1, 2, True

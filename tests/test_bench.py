@@ -51,3 +51,12 @@ def test_cli_options():
     assert args.handler is bench.run
     with pytest.raises(SystemExit):
         parse(["--shape", "huge"])
+
+
+def test_benchmark_from_python_takes_the_command_options(capsys):
+    pytest.importorskip("peft")
+    results = bench.benchmark(smoke=True, device="cpu", sweeps=False)
+    assert results["provenance"]["command"] == "python -m cgclora_lite bench --smoke --device cpu --no-sweeps"
+    assert results["checks"] and results["config"]["steps"] == 2  # smoke mode sets its own sizes
+    with pytest.raises(TypeError, match="unknown benchmark options"):
+        bench.benchmark(stepz=3)
