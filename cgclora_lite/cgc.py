@@ -502,17 +502,17 @@ class CGCLoRALinear(AdaptedLinear):
             return self.lora_A.new_full((1, self.lora_A.shape[0]), self.scaling), None, [], None
         ids = self._task_ids(task_ids, x)  # (B,)
         stored = self.lora_A.shape[0]
-        added = []
-        if len(self.added_A):
+        full = None
+        if len(self.added_A) or not self.gathered:
             full = self.rank_coefficients()[ids]  # (B, R_all): zero where a sample's task has no access
-            added = [full[:, stored + k * self._block: stored + (k + 1) * self._block]
-                     for k in range(len(self.added_A))]  # (B, K_s ranks) each
+        added = [full[:, stored + k * self._block: stored + (k + 1) * self._block]
+                 for k in range(len(self.added_A))]  # (B, K_s ranks) each
         if self.gathered:
             coef = self.visible_coefficients()[ids]  # (B, r)
             if len(self.added_A):  # an added task's own columns are not in lora_A: zero here
                 coef = torch.where(self.in_stored[ids], coef, 0.0)
             return coef, self.visible_columns[ids], added, ids  # (B, r), (B, r)
-        return self.rank_coefficients()[ids, :stored], None, added, ids  # (B, R)
+        return full[:, :stored], None, added, ids  # (B, R)
 
     def forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
         """x (B, ..., d_in) -> (B, ..., d_out) through ``FusedCGCLoRA``: the base product and the

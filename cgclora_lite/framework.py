@@ -85,15 +85,23 @@ class OnePlusN:
         """Inject a new set of adapters for ``tasks`` (a task may belong to one cluster only)."""
         if name in self.clusters:
             raise ValueError(f"a cluster named {name!r} exists already")
-        taken = {t.name: c.name for c in self.clusters.values() for t in c.tasks}
-        clash = [t.name for t in tasks if t.name in taken]
-        if clash:
-            raise ValueError(f"task {clash[0]!r} already belongs to cluster {taken[clash[0]]!r}")
+        self._check_free([t.name for t in tasks])
         self._deactivate()
         adapters = inject(self.model, config, [t.name for t in tasks])
         self.clusters[name] = Cluster(name, list(tasks), config, adapters)
         self.active = name
         return self.clusters[name]
+
+    def _owners(self) -> dict[str, str]:
+        """``{task name: its cluster's name}`` over every cluster."""
+        return {t.name: c.name for c in self.clusters.values() for t in c.tasks}
+
+    def _check_free(self, names: Sequence[str]) -> None:
+        """Raise if one of ``names`` belongs to a cluster already (a task serves one cluster)."""
+        owners = self._owners()
+        clash = [n for n in names if n in owners]
+        if clash:
+            raise ValueError(f"task {clash[0]!r} already belongs to cluster {owners[clash[0]]!r}")
 
     def add_task(self, cluster: str, task: Task) -> Cluster:
         """Add ``task`` to the trained cluster ``cluster`` without retraining what exists.
@@ -104,9 +112,7 @@ class OnePlusN:
         """
         if cluster not in self.clusters:
             raise KeyError(f"no cluster {cluster!r}; clusters: {list(self.clusters)}")
-        taken = {t.name: c.name for c in self.clusters.values() for t in c.tasks}
-        if task.name in taken:
-            raise ValueError(f"task {task.name!r} already belongs to cluster {taken[task.name]!r}")
+        self._check_free([task.name])
         adapters = self.activate(cluster)
         adapters.add_task(task.name)
         self.clusters[cluster].tasks.append(task)
@@ -179,7 +185,7 @@ class OnePlusN:
             clusters = cluster_tasks(self.affinity, n_clusters)
         groups = {name: list(members) for name, members in clusters.items()}
         placed = [t for members in groups.values() for t in members]
-        taken = {t.name for c in self.clusters.values() for t in c.tasks}
+        taken = self._owners()
         problems = {
             "unknown tasks": sorted(set(placed) - set(by_name)),
             "tasks in no cluster": [t for t in by_name if t not in placed],

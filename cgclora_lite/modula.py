@@ -166,7 +166,7 @@ class MoDULALinear(AdaptedLinear):
         if self.merged:
             return h
         xd = self.dropout(x).to(self.universal_A.dtype)  # (..., d_in)
-        r_u, r_d, D = self.config.rank_universal, self.config.rank_domain, self.n_domains
+        r_u, r_d = self.config.rank_universal, self.config.rank_domain
         if self.stage == "universal":
             A, B, coef = self.universal_A, self.universal_B, None
         elif isinstance(self.stage, int):
@@ -178,10 +178,12 @@ class MoDULALinear(AdaptedLinear):
             A = torch.cat([self.universal_A, *self.domain_A])  # (R, d_in), R = r_u + D r_d
             B = torch.cat([self.universal_B, *self.domain_B], dim=1)  # (d_out, R)
             g = self.router_weights(xd)  # (..., E)
-            ranks = torch.tensor([r_u] * (self.config.variant == "flan") + [r_d] * D, device=g.device)
-            coef = g.repeat_interleave(ranks, dim=-1)  # (..., E ranks)
-            if self.config.variant == "res":  # the universal expert is always on, weight 1
-                coef = torch.cat([coef.new_ones(*coef.shape[:-1], r_u), coef], dim=-1)  # (..., R)
+            if self.config.variant == "flan":  # g_u on the universal columns, g_d on domain d's
+                universal = g[..., :1].expand(*g.shape[:-1], r_u)  # (..., r_u)
+                domains = g[..., 1:]  # (..., D)
+            else:  # res: the universal expert is always on, weight 1
+                universal, domains = g.new_ones(*g.shape[:-1], r_u), g  # (..., r_u), (..., D)
+            coef = torch.cat([universal, domains.repeat_interleave(r_d, dim=-1)], dim=-1)  # (..., R)
         u = xd @ A.T  # (..., rank)
         if coef is not None:
             u = u * coef.to(u.dtype)
