@@ -1,32 +1,58 @@
 """cgclora_lite: CGC-LoRA and the 1+N multi-task pattern, from scratch in PyTorch.
 
-Modules, one idea each:
+Flat modules, one idea each, in four layers; a module imports only modules listed before it
+(``tests/test_layers.py`` checks this):
 
-* ``lora``: ``LoRALinear`` and the merge/unmerge machinery every adapter shares.
-* ``cgc``: ``CGCConfig``, ``TaskGate`` and ``CGCLoRALinear`` (common + specific experts, fused).
-* ``routing``: ``TaskRouter``, which carries per-sample task ids to every adapted layer.
-* ``inject``: ``inject(model, config, tasks)`` and the ``CGCAdapters`` handle it returns.
-* ``checkpoint``: save/load adapters (safetensors + JSON), with checks.
-* ``models``: the embedded SmolLM2-135M-Instruct, any transformers causal LM, a tiny test model.
-* ``data``: tasks, the default offline tasks, tokenisation, collation, task-balanced sampling.
-* ``train``, ``evaluate``: the answer-only loss and training loop; generation and metrics.
-* ``framework``, ``experiment``: the 1+N framework (``OnePlusN``) and the method comparison.
-* ``affinity``: inter-task affinity and clustering tasks into the N clusters.
-* ``modula``: MoDULA-Flan and MoDULA-Res, the staged universal + domain experts.
-* ``hf``, ``distributed``: ``transformers.Trainer`` and ``torchrun`` training.
-* ``export``, ``viz``, ``widgets``, ``bench``: peft/merged export, figures, notebook widgets, benchmarks.
+core: adapters on any model
+    ``routing``     ``TaskRouter``: per-sample task ids for the duration of a call
+    ``lora``        ``AdaptedLinear`` (frozen base, merge/unmerge) and ``LoRALinear``
+    ``fused``       ``FusedCGCLoRA``: the base product and the gated adapter as one autograd node
+    ``cgc``         ``CGCConfig``, ``TaskGate``, ``CGCLoRALinear``: common + specific experts
+    ``checkpoint``  adapter folders: plain tensors (safetensors) and JSON, checked before loading
+    ``adapters``    ``AdapterSet``: one set of adapters in a model (attach, routing, state, save)
+    ``inject``      ``CGCAdapters``, ``inject``, ``load_adapters``, gate weights
+    ``export``      one task as a peft LoRA adapter or a merged transformers model
+fine-tuning: a real model on real tasks
+    ``provenance``  what produced a result: versions, git commit, machine
+    ``models``      the embedded SmolLM2-135M-Instruct, any causal LM, the tiny test model
+    ``tasks``       ``Task``, the default offline tasks, CSV/JSON/hub loaders
+    ``data``        chat-template encoding with answer-only labels, collator, balanced sampling
+    ``distributed`` process-group helpers and gradient synchronisation (nothing in one process)
+    ``train``       the answer-only loss and the training loop
+    ``evaluate``    batched greedy generation and the metrics
+    ``hf``          ``transformers.Trainer`` with task ids as a column
+    ``launch``      the ``torchrun`` entry point
+1+N: the framework and its experiment
+    ``affinity``    task affinity and clustering tasks into the N clusters
+    ``modula``      MoDULA-Flan / MoDULA-Res, a sibling adapter set with a token router
+    ``framework``   ``OnePlusN``: the central model and its N clusters
+    ``experiment``  the methods, the budget rule, the presets, the seesaw table, the run folder
+tools
+    ``viz``         seaborn figures as pure functions
+    ``widgets``     ipywidgets panels for the notebooks
+    ``bench``       benchmarks of the fused layer
+    ``cli``         the command line (``python -m cgclora_lite ...``)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .adapters import AdapterSet, attached_adapters, no_adapters
+from .cgc import CGCConfig, CGCLoRALinear, TaskGate
+from .checkpoint import CheckpointError
+from .inject import CGCAdapters, GateWeights, inject, load_adapters
+from .lora import LoRALinear, MergeError
+from .routing import TaskRouter, TaskRoutingError
 
-from .cgc import CGCConfig, CGCLoRALinear, TaskGate  # noqa: E402
-from .checkpoint import CheckpointError, load_adapters  # noqa: E402
-from .inject import CGCAdapters, GateWeights, attached_adapters, inject, no_adapters  # noqa: E402
-from .lora import LoRALinear, MergeError  # noqa: E402
-from .routing import TaskRouter, TaskRoutingError  # noqa: E402
+LAYERS = {
+    "core": ["_version", "routing", "lora", "fused", "cgc", "checkpoint", "adapters", "inject", "export"],
+    "fine-tuning": ["provenance", "models", "tasks", "data", "distributed", "train", "evaluate", "hf",
+                    "launch"],
+    "1+N": ["affinity", "modula", "framework", "experiment"],
+    "tools": ["viz", "widgets", "bench", "cli", "__main__"],
+}
+"""The package's modules in layer order: each may import only modules listed before it."""
 
 __all__ = [
-    "CGCAdapters", "CGCConfig", "CGCLoRALinear", "CheckpointError", "GateWeights", "LoRALinear",
-    "MergeError", "TaskGate", "TaskRouter", "TaskRoutingError", "attached_adapters", "inject",
-    "load_adapters", "no_adapters",
+    "AdapterSet", "CGCAdapters", "CGCConfig", "CGCLoRALinear", "CheckpointError", "GateWeights",
+    "LAYERS", "LoRALinear", "MergeError", "TaskGate", "TaskRouter", "TaskRoutingError", "__version__",
+    "attached_adapters", "inject", "load_adapters", "no_adapters",
 ]

@@ -36,10 +36,8 @@ tasks' specific experts), so a whole mixed-task batch takes two matrix products:
     u = x A_cat^T  (B, L, R);   u <- u * c_{task(b)}  (rank space);   delta = u B_cat^T  (B, L, d_out)
 
 No loop over experts and no per-expert outputs. ``reference_forward`` keeps the readable
-per-expert loop for tests and teaching. ``FusedCGCLoRA`` runs the base product and the two adapter
-products as one autograd node: the update is accumulated into the base output in place, the input
-gradient of base and adapter in one buffer, and backward keeps only rank-space activations besides
-the input (see its docstring for the equations and the measurements behind it).
+per-expert loop for tests and teaching. The two products and the base product run as one autograd
+node, ``fused.FusedCGCLoRA`` (see that module for its equations and backward).
 
 **Many tasks.** R grows with the number of tasks T (each brings its own specific experts) while a
 sample only ever uses ``r_active`` columns. When R > ``GATHER_ABOVE * r_active`` the layer switches
@@ -67,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AdaptedLinear, adapter_dtype, init_lora_A
+from .fused import FusedCGCLoRA
+from .lora import AdaptedLinear, TargetSpec, adapter_dtype, init_lora_A
 from .routing import TaskIds, TaskRouter, TaskRoutingError
 
 Ranks = Union[int, Sequence[int]]
@@ -76,7 +75,6 @@ GATHER_ABOVE = 2
 Measured on one CPU core (d=576, 8 x 64 tokens, r_active 16, training steps): at R = 1.5 x r_active
 the dense form is 1% faster, at 2.5 x 5% slower, at 4.5 x 14% slower; the gathered form stays within
 4% of a plain LoRA of rank r_active (docs/benchmarks.md). Set ``layer.gathered`` to choose by hand."""
-TargetSpec = Union[str, Sequence[str]]  # see CGCConfig.target_modules
 
 
 def _ranks(value: Ranks, count: int, what: str) -> tuple[int, ...]:
@@ -253,93 +251,6 @@ def expert_names(config: CGCConfig, tasks: Sequence[str]) -> list[str]:
     return names
 
 
-def _to_rank(t: torch.Tensor, M: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-    """t (B, L, n) times the rank factor M (R, n) transposed: (B, L, R); or, with ``cols`` (B, r),
-    each sample times its own rows ``M[cols_b]``: (B, L, r)."""
-    return t @ M.T if cols is None else torch.bmm(t, M[cols].transpose(1, 2))
-
-
-def _from_rank(t: torch.Tensor, M: torch.Tensor, cols: torch.Tensor | None, out=None) -> torch.Tensor:
-    """t (B, L, R) times M (R, n): (B, L, n); with ``cols``, t (B, L, r) times ``M[cols_b]``.
-    With ``out`` (B, L, n), the product is added into it in place (no (B, L, n) temporary)."""
-    if out is None:
-        return t @ M if cols is None else torch.bmm(t, M[cols])
-    if cols is None:
-        out.view(-1, out.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), M)
-    else:
-        out.baddbmm_(t, M[cols])
-    return out
-
-
-def _rank_grad(t: torch.Tensor, y: torch.Tensor, M: torch.Tensor, cols: torch.Tensor | None):
-    """Gradient of the rank factor M (R, n) from t (B, L, R or r) and y (B, L, n): sum of t^T y
-    over all tokens, each sample's rows added into its own ``cols`` in the gathered form."""
-    if cols is None:
-        return t.flatten(0, 1).T @ y.flatten(0, 1)  # (R, n)
-    per_sample = torch.bmm(t.transpose(1, 2), y)  # (B, r, n)
-    return M.new_zeros(M.shape).index_add_(0, cols.flatten(), per_sample.flatten(0, 1))
-
-
-class FusedCGCLoRA(torch.autograd.Function):
-    """A frozen linear layer plus a rank-space-gated LoRA update, as one autograd node.
-
-        out = x W0^T + b + v B^T,   v = u * c / (1 - p),   u = (x * m) A^T
-
-    i.e. the LoRA of dropout(x) = x * m / (1 - p), with the dropout scale applied in rank space.
-    Shapes: x (B, L, d_in); W0 (d_out, d_in); b (d_out,) or None; A (R, d_in); B (d_out, R);
-    m (B, L, d_in) bool keep-mask, or None for no dropout (then p = 0); out (B, L, d_out).
-    Two forms:
-
-    * dense (``cols`` None): c (B, R) or (1, R); every sample uses all R columns, with zero
-      coefficients on the ones its task may not use;
-    * gathered (``cols`` (B, r), the columns sample b uses): c (B, r); sample b multiplies by its
-      own rows ``A[cols_b]`` (r, d_in) and columns ``B[:, cols_b]`` (batched products).
-
-    Backward, with g = dL/dout (B, L, d_out) and k = 1 / (1 - p):
-
-        gv = g B;  dB = g^T v;  dc = k * sum over L of gv * u;  gu = k * gv * c;
-        dA = gu^T (x * m);  dx = g W0 + (gu A) * m
-
-    Saved: x (needed for dA in any LoRA), the bool mask, u (rank space) and c. Not saved: x * m,
-    v (both recomputed) or the update. The update is accumulated into the base output in place
-    and the adapter's input gradient into the base's, so neither a (B, L, d_out) update nor a
-    second (B, L, d_in) input gradient is ever materialised.
-
-    All floating tensors come in one dtype (the caller casts the small adapter tensors, never x).
-    The base weight and bias get gradients only if they require them (a frozen base gets none).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, c, cols, mask, p: float):
-        xm = x if mask is None else x * mask  # (B, L, d_in)
-        u = _to_rank(xm, A, cols)  # (B, L, R)
-        v = u * (c / (1 - p)).unsqueeze(1)  # (B, L, R): gate and dropout scale, in rank space
-        out = _from_rank(v, B.T, cols, out=F.linear(x, weight, bias))  # (B, L, d_out)
-        ctx.save_for_backward(x, weight, A, B, c, cols, mask, u)
-        ctx.p = p
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, A, B, c, cols, mask, u = ctx.saved_tensors
-        k, need = 1 / (1 - ctx.p), ctx.needs_input_grad
-        ck = (c * k).unsqueeze(1)  # (B, 1, R)
-        xm = x if mask is None else x * mask  # (B, L, d_in)
-        gv = _to_rank(g, B.T, cols)  # (B, L, R)
-        dB = _rank_grad(u * ck, g, B.T, cols).T  # (d_out, R)
-        dc = (gv * u).sum(1) * k if need[5] else None  # (B, R)
-        gu = gv * ck  # (B, L, R)
-        dA = _rank_grad(gu, xm, A, cols)  # (R, d_in)
-        dx = g @ weight  # (B, L, d_in)
-        if mask is None:
-            _from_rank(gu, A, cols, out=dx)
-        else:
-            dx.addcmul_(_from_rank(gu, A, cols), mask)
-        dW = g.flatten(0, 1).T @ x.flatten(0, 1) if need[1] else None  # (d_out, d_in)
-        db = g.sum((0, 1)) if need[2] else None  # (d_out,)
-        return dx, dW, db, dA, dB, dc, None, None, None
-
-
 class CGCLoRALinear(AdaptedLinear):
     """A frozen ``nn.Linear`` adapted by a CGC-LoRA mixture for a cluster of tasks.
 
@@ -384,7 +295,6 @@ class CGCLoRALinear(AdaptedLinear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, total_rank, **kw))  # (d_out, R)
         for sl in self.expert_slices:  # per expert, so "gaussian" uses each expert's own rank
             init_lora_A(self.lora_A.data[sl], config.init)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.added_A = nn.ParameterList()  # per task added later: (K_s ranks, d_in)
         self.added_B = nn.ParameterList()  # per task added later: (d_out, K_s ranks)
 
@@ -404,35 +314,32 @@ class CGCLoRALinear(AdaptedLinear):
     def _build_index(self, device) -> None:
         """Where every expert lives, for the router's current tasks (run again by ``add_task``).
 
-        Storage order: common experts, then each task's specific experts in task order. Expert e
-        occupies rank columns ``expert_slices[e]`` of ``[lora_A; added_A...]`` (rows) and
-        ``[lora_B, added_B...]`` (columns); tasks added later come last, so nothing moves.
+        Storage order: common experts, then each task's specific experts in task order (tasks
+        added later last, so nothing moves). Expert e occupies rank columns ``expert_slices[e]``
+        of ``factors()``. Three index buffers follow from it:
+
+        * ``visible_experts`` (T, K_c + K_s): the storage index of each expert task t may use,
+          its common experts first, then its own;
+        * ``expert_of_column`` (R_all,): the expert that owns each rank column;
+        * ``task_columns`` (T, r_active): the rank columns task t uses (the gathered form).
         """
         config, n_tasks = self.config, len(self.router.tasks)
-        ranks = list(config.common_ranks) + list(config.specific_ranks) * n_tasks
-        bounds = torch.tensor([0] + ranks).cumsum(0)
-        self.expert_slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        # visible[t, v] = the storage index of the v-th expert task t may use (commons, then own).
+        ranks = list(config.common_ranks) + list(config.specific_ranks) * n_tasks  # one per expert
+        bounds = [0] + torch.tensor(ranks).cumsum(0).tolist()
+        self.expert_slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         common = torch.arange(config.n_common).expand(n_tasks, -1)  # (T, K_c)
-        own = config.n_common + config.n_specific * torch.arange(n_tasks)[:, None]  # (T, 1)
-        own = own + torch.arange(config.n_specific)  # (T, K_s)
+        first_own = config.n_common + config.n_specific * torch.arange(n_tasks)[:, None]  # (T, 1)
+        own = first_own + torch.arange(config.n_specific)  # (T, K_s)
         visible = torch.cat([common, own], dim=1)  # (T, K_c + K_s)
-        expert_of_column = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
-        # Gathered form: task t's r_active columns, and for each the slot of its expert in visible.
-        columns = [torch.arange(sl.start, sl.stop) for sl in self.expert_slices]
-        visible_columns = torch.stack([torch.cat([columns[e] for e in row]) for row in visible.tolist()])
-        # visible_columns: (T, r_active)
-        visible_ranks = torch.tensor(list(config.common_ranks) + list(config.specific_ranks))
-        slot_of_column = torch.repeat_interleave(torch.arange(visible.shape[1]), visible_ranks)  # (r_active,)
-        # Columns of a task added later that lie outside lora_A point at column 0 with a zero
-        # coefficient in the stored block (their own block adds them).
-        stored = self.n_base_tasks * sum(config.specific_ranks) + sum(config.common_ranks)
-        in_stored = visible_columns < stored  # (T, r_active)
-        self.register_buffer("visible_experts", visible.to(device), persistent=False)
-        self.register_buffer("expert_of_column", expert_of_column.to(device), persistent=False)
-        self.register_buffer("visible_columns", (visible_columns * in_stored).to(device), persistent=False)
-        self.register_buffer("in_stored", in_stored.to(device), persistent=False)
-        self.register_buffer("slot_of_column", slot_of_column.to(device), persistent=False)
+        columns = torch.stack([torch.cat([torch.arange(bounds[e], bounds[e + 1]) for e in row])
+                               for row in visible.tolist()])  # (T, r_active)
+        index = {
+            "visible_experts": visible,
+            "expert_of_column": torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)),
+            "task_columns": columns,
+        }
+        for name, value in index.items():
+            self.register_buffer(name, value.to(device), persistent=False)
 
     # --- gate weights -------------------------------------------------------------------------
     @property
@@ -463,10 +370,6 @@ class CGCLoRALinear(AdaptedLinear):
         """``c[t, col] = s * w_{t, expert(col)}``: the gate moved to rank space, (T, R), fp32."""
         return self.scaling * self.expert_weights()[:, self.expert_of_column]  # (T, R)
 
-    def visible_coefficients(self) -> torch.Tensor:
-        """``rank_coefficients`` on each task's own columns ``visible_columns``: (T, r_active)."""
-        return self.scaling * self.visible_weights()[:, self.slot_of_column]  # (T, r_active)
-
     # --- forward ------------------------------------------------------------------------------
     def _task_ids(self, task_ids: TaskIds | None, x: torch.Tensor) -> torch.Tensor:
         """The (B,) task ids for input x (B, ..., d_in): given explicitly, else the router's."""
@@ -493,26 +396,12 @@ class CGCLoRALinear(AdaptedLinear):
             )
         return ids
 
-    def _coefficients(self, task_ids: TaskIds | None, x: torch.Tensor):
-        """Per-sample rank coefficients c (B, R), or (1, R) when every sample is the same; in the
-        gathered form c (B, r_active) and the columns they scale, ``cols`` (B, r_active). Then the
-        per-sample coefficients of each added task's block, (B, K_s ranks) each (empty list if
-        no task was added), and the ids (B,) or None."""
-        if not self.config.needs_task_ids:
-            return self.lora_A.new_full((1, self.lora_A.shape[0]), self.scaling), None, [], None
-        ids = self._task_ids(task_ids, x)  # (B,)
-        stored = self.lora_A.shape[0]
-        full = None
-        if len(self.added_A) or not self.gathered:
-            full = self.rank_coefficients()[ids]  # (B, R_all): zero where a sample's task has no access
-        added = [full[:, stored + k * self._block: stored + (k + 1) * self._block]
-                 for k in range(len(self.added_A))]  # (B, K_s ranks) each
-        if self.gathered:
-            coef = self.visible_coefficients()[ids]  # (B, r)
-            if len(self.added_A):  # an added task's own columns are not in lora_A: zero here
-                coef = torch.where(self.in_stored[ids], coef, 0.0)
-            return coef, self.visible_columns[ids], added, ids  # (B, r), (B, r)
-        return full[:, :stored], None, added, ids  # (B, R)
+    def _sample_coefficients(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Each sample's rank coefficients ``c[task(b)]`` for task ids (B,): (B, R_all), zero on
+        the columns its task may not use; (1, R_all) without ids (a layer that needs none)."""
+        if ids is None:
+            return self.lora_A.new_full((1, self.lora_A.shape[0]), self.scaling)
+        return self.rank_coefficients()[ids]  # (B, R_all)
 
     def forward(self, x: torch.Tensor, task_ids: TaskIds | None = None) -> torch.Tensor:
         """x (B, ..., d_in) -> (B, ..., d_out) through ``FusedCGCLoRA``: the base product and the
@@ -520,14 +409,24 @@ class CGCLoRALinear(AdaptedLinear):
 
         All products run in the dtype the base product runs in (autocast's if it is on, else x's):
         the small adapter tensors are cast to it, never the input. In training, dropout draws a
-        bool keep-mask here (the distribution of ``nn.Dropout``, which ``reference_forward`` uses).
+        bool keep-mask here (the distribution of ``F.dropout``, which ``reference_forward`` uses).
         """
         if not self.router.enabled:
             return self.base(x)
         if self.merged:
             self._check_merged_task(task_ids)
             return self.base(x)
-        coef, cols, added, _ = self._coefficients(task_ids, x)  # (B or 1, R) / (B, r)
+        ids = self._task_ids(task_ids, x) if self.config.needs_task_ids else None  # (B,)
+        coef = self._sample_coefficients(ids)  # (B or 1, R_all)
+        stored = self.lora_A.shape[0]  # R: the columns of lora_A; added tasks' blocks follow
+        added = [coef[:, stored + k * self._block: stored + (k + 1) * self._block]
+                 for k in range(len(self.added_A))]  # (B, K_s ranks) per added task
+        if self.gathered and ids is not None:
+            cols = self.task_columns[ids]  # (B, r_active): the columns each sample uses
+            inside = cols < stored  # an added task's own columns live in its block, not here
+            coef, cols = torch.where(inside, coef.gather(1, cols), 0.0), cols * inside  # (B, r)
+        else:
+            coef, cols = coef[:, :stored], None  # (B or 1, R)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         rows = coef.shape[0]  # B, or 1 when all samples are alike
@@ -554,7 +453,7 @@ class CGCLoRALinear(AdaptedLinear):
         Slow (one pair of matmuls and one (B, ..., d_out) output per expert): for tests and teaching.
         """
         h = self.base(x)  # (B, ..., d_out)
-        xd = self.dropout(x).to(self.lora_A.dtype)
+        xd = F.dropout(x, self.config.dropout, self.training).to(self.lora_A.dtype)  # (B, ..., d_in)
         if self.config.needs_task_ids:
             per_sample = self.expert_weights()[self._task_ids(task_ids, x)]  # (B, E)
         else:

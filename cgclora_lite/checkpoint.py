@@ -1,32 +1,30 @@
-"""Saving and loading adapters: safetensors for the tensors, JSON for everything else, no pickle.
+"""Adapter folders on disk: safetensors for the tensors, JSON for everything else, no pickle.
 
-A saved adapter folder holds
+A saved adapter folder of kind ``k`` (``"cgclora"`` for CGC-LoRA, ``"modula"`` for MoDULA) holds
 
-* ``cgclora_config.json``: the format version, the ``CGCConfig``, the task names, every adapted
-  module with its (d_out, d_in) shape, and the base model's name and type (for messages);
-* ``cgclora_adapters.safetensors``: the adapter tensors keyed ``<module>.<parameter>``.
+* ``k_config.json``: the format and its version, the package version, the adapter config, the
+  task names, every adapted module with its (d_out, d_in) shape, the base model's name and type
+  (for messages), and whatever the kind adds (tasks added later, MoDULA's domains);
+* ``k_adapters.safetensors``: the adapter tensors keyed ``<module>.<parameter>``.
 
-Loading checks everything against the model before any weight is touched and explains any
-mismatch: a different base model, other task names, another configuration, a missing or reshaped
-tensor. Nothing is half-loaded: the checks come first, then the copy.
+This module reads and writes those files and checks them against a model or a set of adapters;
+``adapters.AdapterSet.save`` / ``load`` / ``from_folder`` use it. Every check runs before any
+weight is touched and explains the mismatch: a different base model, other task names, another
+configuration, a missing or reshaped tensor. Nothing is half-loaded.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
-from .cgc import CGCConfig
-from .inject import CGCAdapters, inject
+from ._version import __version__
 
-CONFIG_FILE = "cgclora_config.json"
-WEIGHTS_FILE = "cgclora_adapters.safetensors"
-FORMAT = "cgclora_lite.adapters"
 FORMAT_VERSION = 1
 
 
@@ -34,56 +32,73 @@ class CheckpointError(ValueError):
     """A saved adapter folder that does not fit the model or adapters it is loaded into."""
 
 
-def _model_name(model: nn.Module) -> str | None:
+@dataclass(frozen=True)
+class Files:
+    """The file names and format tag of one kind of adapter folder."""
+
+    kind: str
+
+    @property
+    def config(self) -> str:
+        return f"{self.kind}_config.json"
+
+    @property
+    def weights(self) -> str:
+        return f"{self.kind}_adapters.safetensors"
+
+    @property
+    def format(self) -> str:
+        return "cgclora_lite.adapters" if self.kind == "cgclora" else f"cgclora_lite.{self.kind}"
+
+
+CGC_FILES = Files("cgclora")
+CONFIG_FILE, WEIGHTS_FILE = CGC_FILES.config, CGC_FILES.weights  # a CGC-LoRA folder's files
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The name a transformers model was loaded from, if any."""
     config = getattr(model, "config", None)
     return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
 
 
-def save_adapters(adapters: CGCAdapters, path) -> Path:
-    """Write the adapters' config and tensors into folder ``path`` (created if needed)."""
+def write(path, files: Files, meta: dict, tensors: dict[str, torch.Tensor], model: nn.Module) -> Path:
+    """Write ``meta`` (plus the format header and the base model's name) and ``tensors`` into
+    folder ``path`` (created if needed)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model_config = getattr(adapters.model, "config", None)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "cgclora_lite_version": __version__,
-        "config": adapters.config.to_dict(),
-        "tasks": list(adapters.tasks),
-        "added_tasks": adapters.added_tasks,  # the last tasks, added later (add_task)
-        "targets": {n: [l.out_features, l.in_features] for n, l in adapters.layers.items()},
-        "base_model": _model_name(adapters.model),
-        "base_model_type": getattr(model_config, "model_type", None),
-    }
-    tensors = {k: v.contiguous().cpu() for k, v in adapters.state_dict().items()}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    model_config = getattr(model, "config", None)
+    header = {"format": files.format, "format_version": FORMAT_VERSION, "cgclora_lite_version": __version__}
+    meta = {**header, **meta, "base_model": model_name(model),
+            "base_model_type": getattr(model_config, "model_type", None)}
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(path / files.weights), metadata={"format": files.format})
+    (path / files.config).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 
-def read_config(path) -> dict:
-    """Read and validate a folder's ``cgclora_config.json``."""
+def read_config(path, files: Files = CGC_FILES) -> dict:
+    """Read and validate a folder's config file."""
     path = Path(path)
-    file = path / CONFIG_FILE
+    file = path / files.config
     if not file.is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else None
         hint = " (it has peft files: load it with peft instead)" if found and "adapter_config.json" in found else ""
         raise CheckpointError(
-            f"{file} not found: {path} is not a cgclora_lite adapter folder{hint}. "
+            f"{file} not found: {path} is not a cgclora_lite {files.kind} adapter folder{hint}. "
             f"It contains: {found if found is not None else 'nothing (no such folder)'}"
         )
     meta = json.loads(file.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format") != files.format or meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{file} has format {meta.get('format')!r} version {meta.get('format_version')}; this "
-            f"cgclora_lite ({__version__}) reads {FORMAT!r} up to version {FORMAT_VERSION}. "
+            f"cgclora_lite ({__version__}) reads {files.format!r} up to version {FORMAT_VERSION}. "
             "Upgrade cgclora_lite to load it."
         )
     return meta
 
 
-def _check_targets(model: nn.Module, meta: dict) -> None:
-    """Every saved module exists in ``model`` as a Linear layer of the saved shape."""
+def check_targets(model: nn.Module, meta: dict) -> None:
+    """Every saved module exists in ``model`` as a linear layer of the saved shape."""
     names = dict(model.named_modules())
     origin = f"{meta.get('base_model') or 'an unnamed model'} ({meta.get('base_model_type')})"
     missing = [n for n in meta["targets"] if n not in names]
@@ -104,14 +119,25 @@ def _check_targets(model: nn.Module, meta: dict) -> None:
             )
 
 
-def _load_tensors(adapters: CGCAdapters, path: Path) -> None:
-    """Check keys and shapes of the saved tensors, then copy them into ``adapters``."""
-    saved = load_file(str(path / WEIGHTS_FILE))
-    own = adapters.state_dict()
+def check_same_targets(meta: dict, layers: dict) -> None:
+    """The checkpoint adapts exactly the modules of ``layers`` (names)."""
+    if sorted(meta["targets"]) != sorted(layers):
+        only_saved = sorted(set(meta["targets"]) - set(layers))
+        only_here = sorted(set(layers) - set(meta["targets"]))
+        raise CheckpointError(
+            f"the checkpoint adapts other modules: only in the file {only_saved[:3]}, only here "
+            f"{only_here[:3]}"
+        )
+
+
+def copy_tensors(path, files: Files, own: dict[str, torch.Tensor]) -> None:
+    """Check the keys and shapes of the saved tensors against ``own``, then copy them in."""
+    file = Path(path) / files.weights
+    saved = load_file(str(file))
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path / WEIGHTS_FILE} does not match these adapters: missing {missing[:3]}"
+            f"{file} does not match these adapters: missing {missing[:3]}"
             f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
             f"{'...' if len(unexpected) > 3 else ''}. The file and its config disagree: re-save it."
         )
@@ -121,67 +147,6 @@ def _load_tensors(adapters: CGCAdapters, path: Path) -> None:
                 f"tensor {key!r} is {tuple(tensor.shape)} in the file but {tuple(own[key].shape)} "
                 "here; the file and its config disagree: re-save it."
             )
-    if adapters.merged_task is not None:
-        raise CheckpointError("these adapters are merged: unmerge() before loading weights")
     with torch.no_grad():
         for key, tensor in saved.items():
             own[key].copy_(tensor)
-
-
-def load_adapters(model: nn.Module, path) -> CGCAdapters:
-    """Inject the adapters saved in ``path`` into ``model`` and load their weights.
-
-    The model must be the base model they were trained on (same module names and shapes).
-    """
-    path = Path(path)
-    meta = read_config(path)
-    _check_targets(model, meta)
-    config = CGCConfig.from_dict({**meta["config"], "target_modules": list(meta["targets"]),
-                                  "exclude_modules": None})
-    added = list(meta.get("added_tasks", []))
-    tasks = list(meta["tasks"])
-    if added and tasks[len(tasks) - len(added):] != added:
-        raise CheckpointError(f"{path / CONFIG_FILE}: added_tasks {added} are not the last of tasks {tasks}")
-    adapters = inject(model, config, tasks[: len(tasks) - len(added)])
-    try:
-        for name in added:  # rebuilt in the same order, so every block has its saved place
-            adapters.add_task(name)
-        adapters.requires_grad_(True)
-        _load_tensors(adapters, path)
-    except Exception:
-        adapters.detach()  # leave the model as it was
-        raise
-    adapters.config = CGCConfig.from_dict(meta["config"])  # as the user wrote it
-    return adapters
-
-
-def load_into(adapters: CGCAdapters, path) -> None:
-    """Load saved weights into existing ``adapters`` (same tasks, config and modules)."""
-    path = Path(path)
-    meta = read_config(path)
-    if list(meta["tasks"]) != list(adapters.tasks):
-        raise CheckpointError(
-            f"the checkpoint's tasks {meta['tasks']} differ from these adapters' tasks "
-            f"{list(adapters.tasks)} (order matters: it fixes the task ids)"
-        )
-    if list(meta.get("added_tasks", [])) != adapters.added_tasks:
-        raise CheckpointError(
-            f"the checkpoint's tasks added later {meta.get('added_tasks', [])} differ from these "
-            f"adapters' {adapters.added_tasks}: call add_task for each, in order, before loading"
-        )
-    saved_config = CGCConfig.from_dict(meta["config"])
-    structural = ["n_common", "n_specific", "common_ranks", "specific_ranks", "gate", "gate_scope",
-                  "task_embedding_dim", "alpha"]
-    diff = [f"{k}: saved {getattr(saved_config, k)} vs here {getattr(adapters.config, k)}"
-            for k in structural if getattr(saved_config, k) != getattr(adapters.config, k)]
-    if diff:
-        raise CheckpointError("the checkpoint's configuration differs: " + "; ".join(diff))
-    if sorted(meta["targets"]) != sorted(adapters.layers):
-        only_saved = sorted(set(meta["targets"]) - set(adapters.layers))
-        only_here = sorted(set(adapters.layers) - set(meta["targets"]))
-        raise CheckpointError(
-            f"the checkpoint adapts other modules: only in the file {only_saved[:3]}, only here "
-            f"{only_here[:3]}"
-        )
-    _check_targets(adapters.model, meta)
-    _load_tensors(adapters, path)

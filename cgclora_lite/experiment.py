@@ -30,8 +30,6 @@ across its three stages (``modula.stage_steps``).
 from __future__ import annotations
 
 import json
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -41,9 +39,10 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from . import __version__
 from .cgc import CGCConfig
-from .data import Task, group_by_cluster, load_default_tasks
+from .tasks import Task, group_by_cluster, load_default_tasks
+from .data import prompt_budget
+from .provenance import provenance
 from .evaluate import evaluate_tasks
 from .framework import OnePlusN
 from .train import TrainConfig
@@ -129,35 +128,6 @@ def split_steps(steps: int, clusters: dict[str, list[Task]]) -> dict[str, int]:
     return shares
 
 
-def git_commit() -> str | None:
-    """The commit of the cgclora_lite checkout in use (with "+dirty" if changed), if it is one."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cgclora_lite"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def provenance(model, preset: Preset) -> dict:
-    import transformers
-
-    return {
-        "cgclora_lite": __version__, "git_commit": git_commit(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "model": getattr(model, "name_or_path", None), "device": str(next(model.parameters()).device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "seed": preset.seed, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m cgclora_lite"] + sys.argv[1:]) if sys.argv else None,
-    }
-
-
 def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
                progress: bool = True, save_to: Path | None = None) -> dict:
     """Train one method from fresh adapters and evaluate every task; detach its adapters after.
@@ -212,7 +182,7 @@ def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pr
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     ordered = [next(t for t in tasks if t.name == name) for name in adapters.tasks]
-    scores = evaluate_tasks(model, tokenizer, ordered, max_prompt_length=preset.max_length - 8)
+    scores = evaluate_tasks(model, tokenizer, ordered, max_prompt_length=prompt_budget(preset.max_length))
     eval_seconds = time.perf_counter() - start
     result = {
         "method": method, "config": config.to_dict(),
@@ -286,17 +256,16 @@ def run_experiment(preset: Preset, methods: Sequence[str] = METHODS, model_name:
     trained adapters under ``adapters/<method>/`` (a saved ``OnePlusN``: see ``export``).
     """
     from . import viz
-    from .models import load_model, load_tokenizer, tiny_model
+    from .models import load_model
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     start = time.perf_counter()
     model_name = model_name if model_name is not None else preset.model
-    if model_name == "tiny":
-        model, tokenizer = tiny_model(preset.seed), load_tokenizer()
-    else:
-        model, tokenizer = load_model(model_name)
+    if model_name == "tiny":  # the tiny model's weights follow the run's seed
+        model_name = f"tiny_model(seed={preset.seed})"
+    model, tokenizer = load_model(model_name)
     tasks = load_default_tasks(train=preset.train, validation=preset.validation, test=preset.test,
                                seed=preset.seed)
     if task_names:
@@ -306,14 +275,14 @@ def run_experiment(preset: Preset, methods: Sequence[str] = METHODS, model_name:
         tasks = [t for t in tasks if t.name in task_names]
     out = Path(out or f"runs/{preset.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    prov = provenance(model, preset)
+    prov = provenance(model, seed=preset.seed)
     (out / "config.json").write_text(json.dumps({
         "preset": asdict(preset), "methods": list(methods), "tasks": [t.name for t in tasks],
         "task_clusters": {t.name: t.cluster for t in tasks}, "budget_rule": BUDGET_RULE,
         "provenance": prov}, indent=2) + "\n")
 
     print(f"zero-shot: {getattr(model, 'name_or_path', '')} on {len(tasks)} tasks", flush=True)
-    base = evaluate_tasks(model, tokenizer, tasks, max_prompt_length=preset.max_length - 8)
+    base = evaluate_tasks(model, tokenizer, tasks, max_prompt_length=prompt_budget(preset.max_length))
     results = {"base (zero-shot)": {"scores": base, "trainable_parameters": 0, "train_seconds": None}}
     for method in methods:
         clusters = {n: [t.name for t in m] for n, m in method_clusters(method, tasks).items()}

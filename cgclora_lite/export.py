@@ -67,19 +67,11 @@ def export_merged(adapters: CGCAdapters, task: str | None, path, tokenizer=None)
     if not adapters.is_attached:
         raise RuntimeError("attach() these adapters before exporting them")
     adapters.merge(task)
-    gate = adapters.shared_gate
     try:
-        for name, layer in adapters.layers.items():  # plain nn.Linear layers, holding W0 + dW_t
-            model.set_submodule(name, layer.base)
-        if gate is not None:
-            delattr(model, "cgclora_gate")
-        model.save_pretrained(path)
+        with adapters.plain_layers():  # nn.Linear layers holding W0 + dW_t, no adapter modules
+            model.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
     finally:
-        for name, layer in adapters.layers.items():
-            model.set_submodule(name, layer)
-        if gate is not None:
-            model.add_module("cgclora_gate", gate)
         adapters.unmerge()
     return path

@@ -18,19 +18,18 @@ without copying anything.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from torch.utils.data import DataLoader
 
-from . import __version__
+from ._version import __version__
 from .cgc import CGCConfig
-from .checkpoint import load_adapters
-from .data import Collator, Example, MultiTaskDataset, Task, TaskBalancedSampler
+from .data import Collator, MultiTaskDataset, prompt_budget, task_balanced_loader
+from .tasks import Example, Task
 from .evaluate import MAX_NEW_TOKENS, evaluate_tasks, generate_answers
-from .inject import CGCAdapters, inject
+from .inject import CGCAdapters, inject, load_adapters
 from .routing import TaskRoutingError
 from .train import TrainConfig, train
 
@@ -209,9 +208,8 @@ class OnePlusN:
         adapters = self.activate(name)
         collate = Collator(self.tokenizer.pad_token_id)
         data = MultiTaskDataset(cluster.tasks, self.tokenizer, "train", self.max_length)
-        sampler = TaskBalancedSampler(data, batch_size, seed=config.seed,
-                                      num_batches=config.steps * config.grad_accum, tasks=tasks)
-        loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+        loader = task_balanced_loader(data, self.tokenizer.pad_token_id, batch_size,
+                                      config.steps * config.grad_accum, config.seed, tasks)
         validation = None
         trained = [t for t in cluster.tasks if tasks is None or t.name in tasks]
         if config.eval_every and all(t.validation for t in trained):
@@ -265,7 +263,7 @@ class OnePlusN:
 
     def _prompt_room(self) -> int:
         """Prompt tokens at inference: the training budget minus room for a short answer."""
-        return self.max_length - 8
+        return prompt_budget(self.max_length)
 
     def merge(self, task: str) -> None:
         """Fold ``task``'s update into the central model: single-task inference at base cost."""
@@ -323,16 +321,12 @@ class OnePlusN:
             raise FileNotFoundError(f"{file} not found: {path} is not a saved 1+N framework")
         meta = json.loads(file.read_text())
         if model is None:
-            from .models import load_model, load_tokenizer, tiny_model
+            from .models import load_model
 
             name = meta["central_model"]
-            tiny = re.fullmatch(r"tiny_model\(seed=(\d+)\)", name or "")
-            if tiny:  # rebuilt bit for bit from its seed, with the embedded tokenizer
-                model, tokenizer = tiny_model(int(tiny.group(1))), load_tokenizer()
-            elif not name:
+            if not name:
                 raise ValueError("the central model has no name: pass model= and tokenizer=")
-            else:
-                model, tokenizer = load_model(name)
+            model, tokenizer = load_model(name)  # a tiny model is rebuilt bit for bit from its seed
         elif tokenizer is None:
             raise ValueError("pass the tokenizer along with the model")
         framework = cls(model, tokenizer, meta["max_length"])

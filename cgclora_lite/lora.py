@@ -17,10 +17,15 @@ unmerging, the checks); ``LoRALinear`` is the plain LoRA and ``cgc.CGCLoRALinear
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+TargetSpec = Union[str, Sequence[str]]
+"""Which linear layers of a model to adapt: ``"all-linear"``, a list of names or name suffixes, or
+any other string, used as a regular expression that must match a full module name."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

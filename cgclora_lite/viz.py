@@ -147,7 +147,7 @@ def target_shapes(model, config: CGCConfig) -> dict[str, tuple[int, int]]:
 
     The model must not have adapters attached (their layers are no longer ``nn.Linear``).
     """
-    from .inject import attached_adapters, find_targets
+    from .adapters import attached_adapters, find_targets
 
     if attached_adapters(model) is not None:
         raise ValueError("the model has CGC-LoRA adapters attached: detach() them (or call the "

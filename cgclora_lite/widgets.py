@@ -28,9 +28,10 @@ from IPython.display import display
 
 from . import viz
 from .cgc import CGCConfig
-from .data import Task
+from .tasks import Task
 from .framework import OnePlusN
-from .inject import GateWeights, attached_adapters
+from .inject import GateWeights
+from .adapters import attached_adapters
 from .train import TrainConfig
 
 MEAN = "mean over layers"

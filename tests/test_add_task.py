@@ -151,7 +151,7 @@ def test_add_task_errors():
 
 
 def test_framework_add_task_trains_only_the_new_task(tmp_path):
-    from cgclora_lite.data import load_default_tasks
+    from cgclora_lite.tasks import load_default_tasks
     from cgclora_lite.framework import OnePlusN
     from cgclora_lite.models import load_tokenizer
 

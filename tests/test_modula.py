@@ -5,7 +5,7 @@ import torch
 from conftest import randomize
 
 from cgclora_lite import MergeError
-from cgclora_lite.data import group_by_cluster, load_default_tasks
+from cgclora_lite.tasks import group_by_cluster, load_default_tasks
 from cgclora_lite.models import load_tokenizer, tiny_model
 from cgclora_lite.modula import (MoDULAConfig, MoDULALinear, inject_modula, load_modula, stage_steps,
                                  train_modula)
@@ -154,8 +154,8 @@ def test_errors_and_budget():
     adapters = inject_modula(model, MoDULAConfig(), DOMAINS)
     with pytest.raises(ValueError, match="stage must be"):
         adapters.set_stage("nope")
-    with pytest.raises(NotImplementedError, match="add_domain"):
-        adapters.add_task("x")
+    # MoDULA and CGC-LoRA are sibling adapter sets: neither carries the other's methods
+    assert not hasattr(adapters, "add_task") and not hasattr(adapters, "gate_weights")
     with pytest.raises(ValueError, match="exists already"):
         adapters.add_domain("classify", ["x"])
     tasks = group_by_cluster(load_default_tasks(train=2, validation=0, test=1))
@@ -164,3 +164,22 @@ def test_errors_and_budget():
     assert sum(stage_steps(7, MoDULAConfig(), tasks).values()) == 7
     with pytest.raises(ValueError, match="at least 4 steps"):
         stage_steps(3, MoDULAConfig(), tasks)
+
+
+def test_loading_checks_the_model_the_kind_and_the_domains(tmp_path):
+    from cgclora_lite import CGCConfig, CheckpointError, inject
+
+    adapters = inject_modula(tiny_model(seed=0, vocab_size=128), MoDULAConfig(), DOMAINS)
+    adapters.save(tmp_path / "modula")
+    other = tiny_model(seed=0, vocab_size=128, hidden_size=32)
+    with pytest.raises(CheckpointError, match="not the model they were trained on"):
+        load_modula(other, tmp_path / "modula")
+    assert not hasattr(other, "_cgclora_adapters")  # nothing half-loaded
+    cgc = inject(tiny_model(seed=0, vocab_size=128), CGCConfig(), ["a", "b"])
+    cgc.save(tmp_path / "cgc")
+    with pytest.raises(CheckpointError, match="not a cgclora_lite modula adapter folder"):
+        load_modula(tiny_model(seed=0, vocab_size=128), tmp_path / "cgc")
+    two = inject_modula(tiny_model(seed=0, vocab_size=128), MoDULAConfig(),
+                        {"classify": DOMAINS["classify"]})
+    with pytest.raises(CheckpointError, match="tasks"):
+        two.load(tmp_path / "modula")

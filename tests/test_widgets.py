@@ -44,7 +44,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def classify_tasks():
-    from cgclora_lite.data import load_default_tasks
+    from cgclora_lite.tasks import load_default_tasks
 
     return load_default_tasks(train=8, test=2)[:2]  # topic, sentiment
 
