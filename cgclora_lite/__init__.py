@@ -7,8 +7,8 @@ core: adapters on any model
     ``routing``     ``TaskRouter``: per-sample task ids for the duration of a call
     ``lora``        ``AdaptedLinear`` (frozen base, merge/unmerge) and ``LoRALinear``
     ``fused``       ``FusedCGCLoRA``: the base product and the gated adapter as one autograd node
-    ``cgc``         ``CGCConfig``, ``TaskGate``, ``CGCLoRALinear``: common + specific experts
     ``checkpoint``  adapter folders: plain tensors (safetensors) and JSON, checked before loading
+    ``cgc``         ``CGCConfig``, ``TaskGate``, ``CGCLoRALinear``: common + specific experts
     ``adapters``    ``AdapterSet``: one set of adapters in a model (attach, routing, state, save)
     ``inject``      ``CGCAdapters``, ``inject``, ``load_adapters``, gate weights
     ``export``      one task as a peft LoRA adapter or a merged transformers model
@@ -26,12 +26,12 @@ fine-tuning: a real model on real tasks
     ``affinity``    task affinity and clustering tasks into the N clusters
     ``modula``      MoDULA-Flan / MoDULA-Res, a sibling adapter set with a token router
     ``framework``   ``OnePlusN``: the central model and its N clusters
-    ``experiment``  the methods, the budget rule, the presets, the seesaw table, the run folder
+    ``experiment``  the methods, the budget rule, the presets, training and scoring, the seesaw table
 tools
     ``viz``         seaborn figures as pure functions
     ``widgets``     ipywidgets panels for the notebooks
     ``bench``       benchmarks of the fused layer
-    ``cli``         the command line (``python -m cgclora_lite ...``)
+    ``cli``         the command line: ``run`` (the run folder), ``export``, ``affinity``, ``bench``
 """
 
 from ._version import __version__
@@ -43,7 +43,7 @@ from .lora import LoRALinear, MergeError
 from .routing import TaskRouter, TaskRoutingError
 
 LAYERS = {
-    "core": ["_version", "routing", "lora", "fused", "cgc", "checkpoint", "adapters", "inject", "export"],
+    "core": ["_version", "routing", "lora", "fused", "checkpoint", "cgc", "adapters", "inject", "export"],
     "fine-tuning": ["provenance", "models", "tasks", "data", "distributed", "train", "evaluate", "hf",
                     "launch"],
     "1+N": ["affinity", "modula", "framework", "experiment"],

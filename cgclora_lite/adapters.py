@@ -100,6 +100,21 @@ def no_adapters(model: nn.Module) -> Iterator[None]:
             yield
 
 
+@contextmanager
+def set_aside(model: nn.Module) -> Iterator[None]:
+    """Take the adapters attached to ``model`` (if any) out for the block, and put them back after:
+    code inside can attach adapters of its own to the same model (e.g. a notebook panel that
+    trains on the central model of a ``OnePlusN`` whose cluster stays active)."""
+    previous = attached_adapters(model)
+    if previous is not None:
+        previous.detach()  # raises if a task is merged: unmerge() first
+    try:
+        yield
+    finally:
+        if previous is not None:
+            previous.attach()
+
+
 @dataclass
 class InjectionReport:
     """What an injection did: the adapted modules and the parameter counts."""

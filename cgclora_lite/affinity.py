@@ -54,8 +54,10 @@ import pandas as pd
 import torch
 
 from .cgc import CGCConfig
-from .data import Collator, MultiTaskDataset, Task
-from .inject import attached_adapters, inject
+from .data import Collator, MultiTaskDataset
+from .tasks import Task
+from .adapters import attached_adapters
+from .inject import inject
 from .train import answer_loss
 
 METHODS = ("gradient", "lookahead")
@@ -295,60 +297,3 @@ def cluster_tasks(affinity: Affinity, n_clusters: int, linkage: str = "average")
     for task, label in zip(affinity.tasks, labels):
         clusters.setdefault(int(label), []).append(task)
     return {f"cluster{k + 1}": members for k, members in enumerate(clusters.values())}
-
-
-def run_affinity(model_name: str | None = None, task_names: Sequence[str] | None = None,
-                 method: str = "gradient", n_clusters: int = 2, out=None, **affinity_kw) -> dict:
-    """The ``affinity`` command: measure, cluster, compare with the prior clusters, write, print.
-
-    Loads the central model (``None``: the embedded SmolLM2; ``"tiny"``: the random tiny model;
-    else a name or folder) and the default tasks (``task_names``: a subset), runs
-    ``task_affinity`` (``affinity_kw``) and ``cluster_tasks``, and writes ``affinity.json`` (the
-    matrix, settings, clusters, the prior ``DEFAULT_CLUSTERS`` and whether they match) and
-    ``affinity.png`` (``viz.affinity_clustermap``) into ``out`` (default
-    ``runs/affinity-<date>-<time>``). Returns what ``affinity.json`` holds.
-    """
-    import json
-    import time
-    from datetime import datetime
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
-
-    from .data import DEFAULT_CLUSTERS, load_default_tasks
-    from .models import load_model, load_tokenizer, tiny_model
-    from .viz import affinity_clustermap
-
-    start = time.perf_counter()
-    seed = affinity_kw.get("seed", 0)
-    if model_name == "tiny":
-        model, tokenizer = tiny_model(seed), load_tokenizer()
-    else:
-        model, tokenizer = load_model(model_name)
-    per_task = affinity_kw.get("batches", 2) * affinity_kw.get("batch_size", 8)
-    tasks = load_default_tasks(train=per_task, validation=0, test=0, seed=seed)
-    if task_names:
-        unknown = sorted(set(task_names) - {t.name for t in tasks})
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}; default tasks: {[t.name for t in tasks]}")
-        tasks = [t for t in tasks if t.name in task_names]
-    affinity = task_affinity(model, tokenizer, tasks, method, **affinity_kw)
-    clusters = cluster_tasks(affinity, n_clusters)
-    prior = {name: [t for t in members if t in affinity.tasks] for name, members in DEFAULT_CLUSTERS.items()}
-    prior = {name: members for name, members in prior.items() if members}
-    same = {frozenset(m) for m in clusters.values()} == {frozenset(m) for m in prior.values()}
-    out = Path(out or f"runs/affinity-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    name = getattr(model, "name_or_path", None)
-    record = {**affinity.to_dict(), "model": name, "clusters": clusters, "prior_clusters": prior,
-              "matches_prior": same, "seconds": round(time.perf_counter() - start, 1)}
-    (out / "affinity.json").write_text(json.dumps(record, indent=2) + "\n")
-    fig = affinity_clustermap(affinity, clusters, title=f"Task affinity ({method}), {name}")
-    fig.savefig(out / "affinity.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    print(f"{method} affinity on {name} (rows: source task i, columns: target task j):")
-    print(affinity.matrix.round(3).to_string())
-    print(f"clusters: {clusters}")
-    print(f"prior clusters: {prior} ({'the same grouping' if same else 'a different grouping'})")
-    print(f"wrote {out}/affinity.json and affinity.png in {record['seconds']:.0f} s")
-    return record

@@ -27,28 +27,23 @@ Every run first checks the fused layers against the per-expert loop (outputs and
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
 from .cgc import GATHER_ABOVE, CGCConfig
-from .inject import find_targets, inject
+from .adapters import find_targets
+from .inject import inject
 from .lora import LoRALinear
 from .models import tiny_model
+from .provenance import provenance
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPES = {  # SmolLM2-135M: d=576, 1536 MLP, 9 heads, 3 kv heads, 30 blocks
@@ -65,6 +60,89 @@ LIMITS = {  # the issue's "must show" bounds
     "merged / base inference": 1.02, "mixed / single-task inference": 1.10,
     "cgc / base step, compiled (stretch)": 1.5,
 }
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The benchmark's settings, one field per option of ``python -m cgclora_lite bench``.
+
+    Built by the command line or by ``benchmark(**options)``; never changed afterwards (``run``
+    works on ``resolved()``, a new config with the defaults that depend on the machine filled in).
+    """
+
+    device: str | None = None
+    """"cpu" or "cuda"; None: cuda if available."""
+    shape: str | None = None
+    """Model and batch sizes, a key of ``SHAPES``; None: gpu on cuda, else cpu."""
+    layers: int | None = None
+    """Override the shape's number of blocks."""
+    batch: int | None = None
+    """Override the shape's batch size."""
+    seq: int | None = None
+    """Override the shape's sequence length."""
+    dtype: str | None = None
+    """Base weights, "float32" or "bfloat16" (which also turns on bf16 autocast); None: bfloat16 on cuda."""
+    rank: int = 16
+    """Active rank r of every method."""
+    dropout: float = 0.0
+    """Adapter input dropout of every method, in training steps."""
+    tasks: int = 8
+    """Tasks in the CGC cluster, all in each batch."""
+    common: int = 2
+    """CGC task-common experts."""
+    specific: int = 2
+    """CGC task-specific experts per task."""
+    warmup: int = 3
+    """Untimed steps of each method."""
+    steps: int = 15
+    """Timed steps of each method."""
+    compile: bool = False
+    """``torch.compile`` every model."""
+    sweeps: bool = True
+    """Run the two sweeps (expert count, task count)."""
+    smoke: bool = False
+    """Seconds: the smoke shape, 1 warm-up and 2 timed steps, checks only (timings meaningless)."""
+    threads: int | None = None
+    """CPU threads for torch; None: torch's (1 in smoke mode)."""
+    seed: int = 0
+    """Random seed of the model, the batch and the adapters."""
+    out: str | None = None
+    """Write the results as JSON to this file."""
+
+    def __post_init__(self):
+        for name, allowed in [("device", ("cpu", "cuda")), ("shape", tuple(SHAPES)),
+                              ("dtype", ("float32", "bfloat16"))]:
+            if getattr(self, name) not in (None, *allowed):
+                raise ValueError(f"{name} must be one of {allowed} or None, got {getattr(self, name)!r}")
+
+    def resolved(self) -> BenchConfig:
+        """This config with smoke mode's sizes applied and the device, shape and dtype chosen."""
+        config = replace(self, shape="smoke", warmup=1, steps=2, sweeps=True) if self.smoke else self
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return replace(config, device=device,
+                       shape=config.shape or ("gpu" if device == "cuda" else "cpu"),
+                       dtype=config.dtype or ("bfloat16" if device == "cuda" else "float32"))
+
+    @property
+    def sizes(self) -> dict:
+        """Model and batch sizes: ``SHAPES[shape]`` with the ``layers``, ``batch``, ``seq`` overrides."""
+        overrides = {key: getattr(self, key) for key in ("layers", "batch", "seq")}
+        return {**SHAPES[self.shape], **{k: v for k, v in overrides.items() if v is not None}}
+
+    def command(self) -> str:
+        """The equivalent command line: the options that differ from their defaults, in field order."""
+        words = ["python -m cgclora_lite bench"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            if f.name == "sweeps":
+                words.append("--no-sweeps")
+            elif value is True:
+                words.append(f"--{f.name}")
+            else:
+                words.append(f"--{f.name} {value}")
+        return " ".join(words)
 
 
 @dataclass
@@ -125,9 +203,10 @@ def _cgc(base, config: CGCConfig, n_tasks: int, batch: int, device, gathered=Non
     return model, adapters, ids
 
 
-def build(name: str, base, args, device, *, experts=8, n_tasks=None, gathered=None) -> Method:
+def build(name: str, base, config: BenchConfig, device, *, experts=8, n_tasks=None,
+          gathered=None) -> Method:
     """One method on its own copy of ``base``; see the module docstring for the names."""
-    rank, alpha, batch, dropout = args.rank, 2.0 * args.rank, args.shape_dict["batch"], args.dropout
+    rank, alpha, batch, dropout = config.rank, 2.0 * config.rank, config.sizes["batch"], config.dropout
     if name == "base":
         return Method(name, copy.deepcopy(base))
     if name == "lora":
@@ -137,18 +216,18 @@ def build(name: str, base, args, device, *, experts=8, n_tasks=None, gathered=No
         model = _with_peft(copy.deepcopy(base), rank, alpha, dropout)
         return Method(name, model, params=[p for p in model.parameters() if p.requires_grad])
     if name in ("loop", "moelora"):
-        config = CGCConfig.moelora(n_experts=experts, rank=rank // experts, alpha=alpha,
-                                   dropout=dropout, target_modules=PROJECTIONS)
-        model, adapters, ids = _cgc(base, config, args.tasks, batch, device)
+        adapters_config = CGCConfig.moelora(n_experts=experts, rank=rank // experts, alpha=alpha,
+                                            dropout=dropout, target_modules=PROJECTIONS)
+        model, adapters, ids = _cgc(base, adapters_config, config.tasks, batch, device)
         if name == "loop":
             _use_loop(adapters)
         return Method(name, model, ids, adapters, adapters.parameters())
     if name == "cgc":
-        per_expert = rank // (args.common + args.specific)
-        config = CGCConfig(n_common=args.common, n_specific=args.specific, rank_common=per_expert,
-                           rank_specific=per_expert, alpha=alpha, dropout=dropout,
-                           target_modules=PROJECTIONS)
-        model, adapters, ids = _cgc(base, config, n_tasks or args.tasks, batch, device, gathered)
+        per_expert = rank // (config.common + config.specific)
+        adapters_config = CGCConfig(n_common=config.common, n_specific=config.specific,
+                                    rank_common=per_expert, rank_specific=per_expert, alpha=alpha,
+                                    dropout=dropout, target_modules=PROJECTIONS)
+        model, adapters, ids = _cgc(base, adapters_config, n_tasks or config.tasks, batch, device, gathered)
         return Method(name, model, ids, adapters, adapters.parameters())
     raise ValueError(f"unknown method {name!r}")
 
@@ -221,12 +300,12 @@ def _prepare(m: Method, compile_: bool, lr: float = 1e-4) -> Method:
     return m
 
 
-def time_steps(methods: list[Method], embeds, labels, args, amp) -> None:
+def time_steps(methods: list[Method], embeds, labels, config: BenchConfig, amp) -> None:
     """Round-robin: each repetition runs one step of every method in turn; keeps post-warm-up times."""
-    for rep in range(args.warmup + args.steps):
+    for rep in range(config.warmup + config.steps):
         for m in methods:
             seconds = _step(m, embeds, labels, amp)
-            if rep >= args.warmup:
+            if rep >= config.warmup:
                 m.times.append(seconds)
 
 
@@ -249,28 +328,28 @@ def _spread(times: list[float]) -> float:
 
 
 @torch.inference_mode()
-def time_inference(calls: dict, input_ids, args, device) -> dict[str, list[float]]:
+def time_inference(calls: dict, input_ids, config: BenchConfig, device) -> dict[str, list[float]]:
     """Seconds of each forward pass of each named callable (called with ``input_ids``), round-robin."""
     times = {name: [] for name in calls}
-    for rep in range(args.warmup + args.steps):
+    for rep in range(config.warmup + config.steps):
         for name, call in calls.items():
             _sync(device)
             start = time.perf_counter()
             call(input_ids)
             _sync(device)
-            if rep >= args.warmup:
+            if rep >= config.warmup:
                 times[name].append(time.perf_counter() - start)
     return times
 
 
 # --- correctness ------------------------------------------------------------------------------
-def check_fused_against_loop(base, args, device) -> dict[str, float]:
+def check_fused_against_loop(base, config: BenchConfig, device) -> dict[str, float]:
     """Relative error of logits and adapter gradients, fused against the per-expert loop, for
     MOELoRA and CGC-LoRA (dense and gathered), with random non-zero B and gates, fp32."""
-    input_ids = torch.randint(0, args.shape_dict["vocab"], (args.shape_dict["batch"], 8), device=device)
+    input_ids = torch.randint(0, config.sizes["vocab"], (config.sizes["batch"], 8), device=device)
     errors = {}
     for name, gathered in [("moelora", None), ("cgc dense", False), ("cgc gathered", True)]:
-        m = build(name.split()[0], base, args, device, gathered=gathered)
+        m = build(name.split()[0], base, config, device, gathered=gathered)
         m.model.float().eval()  # eval: no dropout (inject leaves new layers in training mode)
         with torch.no_grad():
             for p in m.params:
@@ -290,38 +369,6 @@ def check_fused_against_loop(base, args, device) -> dict[str, float]:
 
 
 # --- the run ----------------------------------------------------------------------------------
-def _provenance(args, device, dtype) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "cgclora_lite": __version__}
-    for package in ("transformers", "peft"):
-        try:
-            versions[package] = __import__(package).__version__
-        except ImportError:
-            versions[package] = None
-    return {
-        "device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "versions": versions, "git": commit,
-        "dtype": str(dtype).removeprefix("torch."), "autocast_bf16": dtype != torch.float32,
-        "adapter_dtype": "float32 (package adapter_dtype='float32'; peft autocast_adapter_dtype=True)",
-        "compile": args.compile, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m cgclora_lite " + " ".join(args.argv),
-    }
-
-
 def _table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
@@ -333,18 +380,18 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the benchmark described by ``args`` (see ``add_parser``); print tables, return results."""
+def run(config: BenchConfig) -> dict:
+    """Run the benchmark ``config`` describes; print tables, return the results."""
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(args.threads or (1 if args.smoke else threads))
-        if not args.compile:
-            return _run(args)
+        torch.set_num_threads(config.threads or (1 if config.smoke else threads))
+        if not config.compile:
+            return _run(config)
         from torch._dynamo import config as dynamo_config
 
         # transformers' wrappers are one code object for every model copy: allow a graph per copy
         with dynamo_config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
-            return _run(args)
+            return _run(config)
     finally:
         torch.set_num_threads(threads)
 
@@ -352,77 +399,66 @@ def run(args: argparse.Namespace) -> dict:
 def benchmark(**options) -> dict:
     """Run the benchmark from Python: ``benchmark(shape="cpu", layers=1, seq=32, steps=10)``.
 
-    The keywords are the command's options (``--no-sweeps`` is ``sweeps=False``); the rest keep
-    the command's defaults. The provenance records the equivalent command line.
+    The keywords are ``BenchConfig``'s fields, the command's options (``--no-sweeps`` is
+    ``sweeps=False``); the rest keep their defaults. The provenance records the equivalent
+    command line.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    command = add_parser(parser.add_subparsers())
-    known = {a.dest for a in command._actions}
+    known = {f.name for f in fields(BenchConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise TypeError(f"unknown benchmark options {unknown}; known: {sorted(known - {'help'})}")
-    args = command.parse_args([])
-    for key, value in options.items():
-        setattr(args, key, value)
-    args.argv = ["bench"] + [f"--{k.replace('_', '-')}" if v is True else
-                             f"--no-{k}" if (k == "sweeps" and v is False) else
-                             f"--{k.replace('_', '-')} {v}" for k, v in options.items()]
-    return run(args)
+        raise TypeError(f"unknown benchmark options {unknown}; known: {sorted(known)}")
+    return run(BenchConfig(**options))
 
 
-def _run(args: argparse.Namespace) -> dict:
-    if args.smoke:
-        args.shape, args.warmup, args.steps, args.sweeps = "smoke", 1, 2, True
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.shape = args.shape or ("gpu" if device.type == "cuda" else "cpu")
-    shape = dict(SHAPES[args.shape])
-    for key in ("layers", "batch", "seq"):
-        if getattr(args, key) is not None:
-            shape[key] = getattr(args, key)
-    args.shape_dict = shape
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+def _run(config: BenchConfig) -> dict:
+    command = config.command()
+    config = config.resolved()
+    device = torch.device(config.device)
+    shape = config.sizes
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
     amp = dtype != torch.float32
-    args.argv = getattr(args, "argv", None) or sys.argv[1:]
-    torch.manual_seed(args.seed)
+    torch.manual_seed(config.seed)
     base = _base_model(shape, device, dtype)
-    results = {"provenance": _provenance(args, device, dtype), "shape": shape,
-               "config": {"rank": args.rank, "alpha": 2.0 * args.rank, "dropout": args.dropout,
-                          "tasks": args.tasks, "common": args.common, "specific": args.specific,
-                          "warmup": args.warmup, "steps": args.steps, "threads": torch.get_num_threads()}}
+    record = provenance(device=device, command=command, dtype=config.dtype, autocast_bf16=amp,
+                        adapter_dtype="float32 (package adapter_dtype='float32'; "
+                                      "peft autocast_adapter_dtype=True)", compile=config.compile)
+    results = {"provenance": record, "shape": shape,
+               "config": {"rank": config.rank, "alpha": 2.0 * config.rank, "dropout": config.dropout,
+                          "tasks": config.tasks, "common": config.common, "specific": config.specific,
+                          "warmup": config.warmup, "steps": config.steps, "threads": torch.get_num_threads()}}
     print(f"cgclora_lite bench on {results['provenance']['device_name']} ({device.type}, {dtype}, "
-          f"{'compiled' if args.compile else 'eager'}); shape {args.shape}: {shape}")
+          f"{'compiled' if config.compile else 'eager'}); shape {config.shape}: {shape}")
 
-    results["checks"] = check_fused_against_loop(base, args, device)
+    results["checks"] = check_fused_against_loop(base, config, device)
     print("fused against per-expert loop, max relative error: "
           + ", ".join(f"{k} {v:.1e}" for k, v in results["checks"].items()))
 
     labels = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), device=device)
     embeds = base.get_input_embeddings()(labels).detach().requires_grad_(True)  # (B, L, d)
 
-    methods = train_table(results, base, args, device, embeds, labels, amp)
-    inference_table(results, methods, base, args, device, labels)
+    methods = train_table(results, base, config, device, embeds, labels, amp)
+    inference_table(results, methods, base, config, device, labels)
     del methods
-    if args.sweeps:
-        results["sweeps"] = sweeps(base, args, device, embeds, labels, amp)
+    if config.sweeps:
+        results["sweeps"] = sweeps(base, config, device, embeds, labels, amp)
 
     results["criteria"] = criteria(results)
     print("\nmust-show criteria (value, limit)"
-          + (": smoke mode, tiny shape and 2 steps, so timings mean nothing" if args.smoke else ""))
+          + (": smoke mode, tiny shape and 2 steps, so timings mean nothing" if config.smoke else ""))
     for name, c in results["criteria"].items():
         print(f"  {'PASS' if c['pass'] else 'FAIL'}  {name}: {c['value']:.3f} (limit {c['limit']})")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {config.out}")
     return results
 
 
-def train_table(results, base, args, device, embeds, labels, amp) -> dict[str, Method]:
+def train_table(results, base, config: BenchConfig, device, embeds, labels, amp) -> dict[str, Method]:
     """Time every method's training step side by side, size its memory; add ``results["train"]``."""
-    methods = [_prepare(build(n, base, args, device), args.compile)
+    methods = [_prepare(build(n, base, config, device), config.compile)
                for n in ("base", "lora", "peft", "loop", "moelora", "cgc")]
-    time_steps(methods, embeds, labels, args, amp)
+    time_steps(methods, embeds, labels, config, amp)
     by_name = {m.name: m for m in methods}
     rows = []
     for m in methods:
@@ -441,10 +477,10 @@ def train_table(results, base, args, device, embeds, labels, amp) -> dict[str, M
     return by_name
 
 
-def inference_table(results, methods: dict[str, Method], base, args, device, input_ids) -> None:
+def inference_table(results, methods: dict[str, Method], base, config: BenchConfig, device, input_ids) -> None:
     """Forward passes: the CGC model merged for one task against the base; unmerged, a batch of
     all ``--tasks`` tasks against a single-task batch and plain LoRA. Adds ``results["inference"]``."""
-    merged = _prepare(build("cgc", base, args, device), args.compile)
+    merged = _prepare(build("cgc", base, config, device), config.compile)
     merged.adapters.merge("task0")
     cgc = methods["cgc"]
     single = torch.zeros_like(cgc.ids)  # (B,): every sample task 0
@@ -460,45 +496,45 @@ def inference_table(results, methods: dict[str, Method], base, args, device, inp
     times = time_inference({
         "base": methods["base"].call, "lora": methods["lora"].call, "cgc merged": routed(merged, single),
         "cgc single-task": routed(cgc, single), "cgc mixed-task": routed(cgc, cgc.ids),
-    }, input_ids, args, device)
+    }, input_ids, config, device)
     rows = [{"call": k, "ms": _median_ms(t), "iqr_%": _spread(t), "x_base": _ratio(t, times["base"]),
              "x_lora": _ratio(t, times["lora"]), "x_single-task": _ratio(t, times["cgc single-task"])}
             for k, t in times.items()]
     results["inference"] = rows
     print(f"\ninference forward, {input_ids.shape[0]} x {input_ids.shape[1]} tokens (median ms; "
-          f"mixed-task: {args.tasks} tasks in the batch)\n"
+          f"mixed-task: {config.tasks} tasks in the batch)\n"
           + _table(rows, ["call", "ms", "iqr_%", "x_base", "x_lora", "x_single-task"]))
 
 
-def sweeps(base, args, device, embeds, labels, amp) -> dict:
+def sweeps(base, config: BenchConfig, device, embeds, labels, amp) -> dict:
     """Expert count at fixed total rank (fused vs loop); task count (dense vs gathered)."""
     out = {}
-    counts = [k for k in (1, 2, 4, 8, 16) if k <= args.rank] if not args.smoke else [1, 2]
-    methods = [_prepare(build("lora", base, args, device), args.compile)]
+    counts = [k for k in (1, 2, 4, 8, 16) if k <= config.rank] if not config.smoke else [1, 2]
+    methods = [_prepare(build("lora", base, config, device), config.compile)]
     for k in counts:
-        methods += [_prepare(build(n, base, args, device, experts=k), args.compile)
+        methods += [_prepare(build(n, base, config, device, experts=k), config.compile)
                     for n in ("moelora", "loop")]
-    time_steps(methods, embeds, labels, args, amp)
+    time_steps(methods, embeds, labels, config, amp)
     lora = methods[0].times
     rows = []
     for k, (fused, loop) in zip(counts, zip(methods[1::2], methods[2::2])):
-        rows.append({"experts": k, "rank_each": args.rank // k, "fused_ms": _median_ms(fused.times),
+        rows.append({"experts": k, "rank_each": config.rank // k, "fused_ms": _median_ms(fused.times),
                      "loop_ms": _median_ms(loop.times), "fused_x_lora": _ratio(fused.times, lora),
                      "loop_x_fused": _ratio(loop.times, fused.times)})
     out["experts"] = rows
     columns = ["experts", "rank_each", "fused_ms", "loop_ms", "fused_x_lora", "loop_x_fused"]
-    print(f"\nsweep: MOELoRA experts at total rank {args.rank} (plain LoRA {_median_ms(lora):.1f} ms)\n"
+    print(f"\nsweep: MOELoRA experts at total rank {config.rank} (plain LoRA {_median_ms(lora):.1f} ms)\n"
           + _table(rows, columns))
     del methods
 
-    task_counts = [t for t in (1, 2, 4, 8, 16) if t <= max(args.shape_dict["batch"], 2)]
-    if args.smoke:
+    task_counts = [t for t in (1, 2, 4, 8, 16) if t <= max(config.sizes["batch"], 2)]
+    if config.smoke:
         task_counts = [1, 4]
-    methods = [_prepare(build("lora", base, args, device), args.compile)]
+    methods = [_prepare(build("lora", base, config, device), config.compile)]
     for t in task_counts:
-        methods += [_prepare(build("cgc", base, args, device, n_tasks=t, gathered=g), args.compile)
+        methods += [_prepare(build("cgc", base, config, device, n_tasks=t, gathered=g), config.compile)
                     for g in (False, True)]
-    time_steps(methods, embeds, labels, args, amp)
+    time_steps(methods, embeds, labels, config, amp)
     lora = methods[0].times
     rows = []
     for t, (dense, gathered) in zip(task_counts, zip(methods[1::2], methods[2::2])):
@@ -506,12 +542,12 @@ def sweeps(base, args, device, embeds, labels, amp) -> dict:
         rows.append({"tasks": t, "total_rank": total_rank, "dense_ms": _median_ms(dense.times),
                      "gathered_ms": _median_ms(gathered.times),
                      "dense_x_lora": _ratio(dense.times, lora), "gathered_x_lora": _ratio(gathered.times, lora),
-                     "default": "gathered" if total_rank > GATHER_ABOVE * args.rank else "dense"})
+                     "default": "gathered" if total_rank > GATHER_ABOVE * config.rank else "dense"})
     out["tasks"] = rows
     columns = ["tasks", "total_rank", "dense_ms", "gathered_ms", "dense_x_lora", "gathered_x_lora",
                "default"]
-    print(f"\nsweep: tasks in the cluster and the batch, CGC-LoRA {args.common}+{args.specific} "
-          f"experts, active rank {args.rank} (plain LoRA {_median_ms(lora):.1f} ms)\n"
+    print(f"\nsweep: tasks in the cluster and the batch, CGC-LoRA {config.common}+{config.specific} "
+          f"experts, active rank {config.rank} (plain LoRA {_median_ms(lora):.1f} ms)\n"
           + _table(rows, columns))
     return out
 
@@ -543,41 +579,3 @@ def criteria(results: dict) -> dict:
         ok = value >= limit if "(min)" in name else value <= limit
         out[name] = {"value": value, "limit": limit, "pass": bool(ok)}
     return out
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``bench`` command to an argparse sub-parser set; its handler is ``run``."""
-    p = subparsers.add_parser(
-        "bench", help="time and size CGC-LoRA against LoRA, peft, the per-expert loop and the base",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="model and batch sizes: " + "; ".join(
-                       f"{k}: {v['layers']} blocks of d={v['hidden']}, {v['batch']} x {v['seq']} tokens"
-                       for k, v in SHAPES.items()) + " (default: gpu on cuda, else cpu)")
-    p.add_argument("--layers", type=int, default=None, help="override the shape's number of blocks")
-    p.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
-    p.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="base weights; bfloat16 also turns on bf16 autocast (default: bfloat16 on cuda)")
-    p.add_argument("--rank", type=int, default=16, help="active rank r of every method (default 16)")
-    p.add_argument("--dropout", type=float, default=0.0,
-                   help="adapter input dropout of every method, in training steps (default 0)")
-    p.add_argument("--tasks", type=int, default=8,
-                   help="tasks in the CGC cluster, all in each batch (default 8)")
-    p.add_argument("--common", type=int, default=2, help="CGC task-common experts (default 2)")
-    p.add_argument("--specific", type=int, default=2,
-                   help="CGC task-specific experts per task (default 2)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each method (default 3)")
-    p.add_argument("--steps", type=int, default=15, help="timed steps of each method (default 15)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model")
-    p.add_argument("--no-sweeps", dest="sweeps", action="store_false", help="skip the two sweeps")
-    p.add_argument("--smoke", action="store_true",
-                   help="seconds: tiny shape, 2 timed steps, checks fused == loop (timings meaningless)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's; 1 with --smoke). On a shared machine "
-                        "1 avoids threads waiting on each other for a busy core")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the results as JSON to this file")
-    p.set_defaults(handler=run)
-    return p

@@ -57,7 +57,6 @@ and ``export_factors(t)`` returns a plain LoRA pair (A'_t, B'_t) with ``B'_t A'_
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
@@ -65,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import JSONConfig
 from .fused import FusedCGCLoRA
 from .lora import AdaptedLinear, TargetSpec, adapter_dtype, init_lora_A
 from .routing import TaskIds, TaskRouter, TaskRoutingError
@@ -88,7 +88,7 @@ def _ranks(value: Ranks, count: int, what: str) -> tuple[int, ...]:
 
 
 @dataclass
-class CGCConfig:
+class CGCConfig(JSONConfig):
     """Everything that defines a set of CGC-LoRA adapters (saved with them as JSON).
 
     Attributes:
@@ -194,18 +194,6 @@ class CGCConfig:
     def moelora(cls, n_experts: int = 8, rank: int = 2, alpha: float = 32.0, **kw) -> "CGCConfig":
         """MOELoRA: K shared experts mixed by the task gate (defaults from its public code)."""
         return cls(n_common=n_experts, n_specific=0, rank_common=rank, alpha=alpha, **kw)
-
-    # --- JSON ---------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CGCConfig":
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CGCConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 class TaskGate(nn.Module):

@@ -15,6 +15,7 @@ configuration, a missing or reshaped tensor. Nothing is half-loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,23 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A saved adapter folder that does not fit the model or adapters it is loaded into."""
+
+
+class JSONConfig:
+    """Mixin for the dataclass configs saved in an adapter folder: ``to_dict`` gives the fields a
+    user sets (tuples as lists), ``from_dict`` rebuilds the config and names any unknown field."""
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -1,222 +1,101 @@
-"""Data-parallel training on several processes: ``torchrun`` launches one copy of this per rank.
+"""Gradient synchronisation for data-parallel training: W processes train as one.
 
-    torchrun --standalone --nproc_per_node 2 -m cgclora_lite.distributed --steps 3 --out runs/ddp
-    torchrun --standalone --nproc_per_node 2 -m cgclora_lite.distributed --engine trainer ...
+When a ``torch.distributed`` process group of W > 1 processes is running (``torchrun
+--nproc_per_node W``, see ``launch.py``), every rank r trains on its own shard of each global
+batch (``data.shard``), and ``GradientSync`` makes the W calls of ``train.train`` one run:
 
-Every rank builds the same model, adapters and **global batches** (the same task-balanced sampler
-with the same seed), then keeps its own contiguous shard of each global batch: with W ranks and
-a global batch of B rows, rank r gets rows ``[r*B/W, (r+1)*B/W)`` (sizes differ by at most one
-when W does not divide B). Contiguous shards keep the task mix of a round-robin batch
-(``[a, b, a, b, a, b, a, b]`` gives both ranks ``[a, b, a, b]``); strided shards ``r::W`` would
-give each rank one task only.
+* the adapters start from rank 0's values (``broadcast_``), so every rank holds the same weights;
+* the loss is the mean over the answer tokens of the *global* batch, not of each shard. With
+  n_r answer tokens on rank r and N = sum_r n_r (one all-reduce of a count per batch,
+  ``loss_weight``), rank r back-propagates ``answer_loss * n_r / N`` = (sum of its token
+  losses) / N, and the adapter gradients are **summed** over ranks:
 
-Two engines train the shards as one run:
+      sum_r grad(S_r) / N = grad of the global token mean,    S_r = sum of rank r's token losses
 
-* ``train`` (default): our ``train.train``, which sees the process group and sums the adapter
-  gradients over ranks, normalised by the global batch's answer tokens (see ``train.py``);
-* ``trainer``: ``transformers.Trainer`` through ``hf.make_trainer``, which wraps the model in
-  ``DistributedDataParallel`` and averages tokens across devices itself. Trainer draws its own
-  batches (a seeded random order, per-device batches of B/W rows), not the task-balanced ones.
+  whatever the shards' token counts (averaging per-rank means, DDP's default, weights a token
+  of a short shard more than one of a long shard);
+* the gradients are summed by hand, once per optimizer step, in one flat buffer holding only
+  the adapter gradients (the frozen base has none), before clipping (``sum_gradients_``), so
+  every rank clips the same global gradient and takes the same AdamW step.
 
-Each rank writes its adapter tensors to ``OUT/rank{r}.safetensors``, and rank 0 the history to
-``OUT/history.json``: identical files on every rank are the test that the ranks stayed in step.
-``python -m cgclora_lite.distributed`` without ``torchrun`` is the single-process run on the same
-global batches.
+Why not ``DistributedDataParallel``: ``train.answer_loss`` calls the decoder and the head
+separately (to run the head on answer positions only), and DDP synchronises gradients only for
+calls that go through its own ``forward``; wrapping would silently train each rank on its shard
+alone. One all-reduce per optimizer step is also what DDP with ``no_sync`` during accumulation
+does. With one process (no process group) every method here does nothing and training is the
+plain single-process loop.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence
-
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Sampler
-
-from .cgc import CGCConfig
-from .data import DEFAULT_CLUSTERS, Collator, MultiTaskDataset, TaskBalancedSampler, load_default_tasks
-from .inject import CGCAdapters, inject
-from .train import TrainConfig, train, world
 
 
-def shard(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """Rank ``rank``'s contiguous share of one global batch of indices (``numpy.array_split``).
-
-    The first ``len(batch) % world_size`` ranks get one row more than the others.
-    """
-    if len(batch) < world_size:
-        raise ValueError(f"a global batch of {len(batch)} rows cannot feed {world_size} ranks: "
-                         "raise the batch size to at least the number of processes")
-    size, extra = divmod(len(batch), world_size)
-    start = rank * size + min(rank, extra)
-    return list(batch[start:start + size + (rank < extra)])
+def world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-class ShardedBatchSampler(Sampler[list[int]]):
-    """Yields this rank's shard of every global batch of ``batch_sampler``.
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum plain numbers over all ranks (one all-reduce); ``values`` as they are in one process."""
+    if world()[1] == 1:
+        return list(values)
+    buffer = torch.tensor(values, dtype=torch.float64, device=device)  # (n,)
+    dist.all_reduce(buffer)
+    return buffer.tolist()
 
-    All ranks iterate the same ``batch_sampler`` (same seed, same global batches) and keep
-    different rows, so together they see each global batch exactly once.
+
+class GradientSync:
+    """Keeps the adapters of W ranks in step (module docstring); does nothing in one process.
+
+    ``params``: the trained parameters (the adapters'), ``device``: where this rank computes.
+    In ``train``: ``broadcast_()`` once, ``loss_weight(n)`` for every batch, ``sum_gradients_``
+    before each optimizer step's clipping.
     """
 
-    def __init__(self, batch_sampler: Sampler[list[int]], rank: int, world_size: int):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device):
+        self.params, self.device = list(params), device
+        self.rank, self.world_size = world()
 
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
+    def broadcast_(self) -> None:
+        """Copy rank 0's parameter values to every rank, in place."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batch_sampler:
-            yield shard(batch, self.rank, self.world_size)
+    def loss_weight(self, n_tokens: int) -> float | None:
+        """The factor of a batch's mean loss with ``n_tokens`` answer tokens on this rank.
 
+        One process: 1. Under torchrun: n_r / N, N the answer tokens of the global batch (a
+        collective: every rank calls it for every batch), or None when this rank's shard has no
+        answer token (skip it: it adds zero gradient).
+        """
+        if self.world_size == 1:
+            return 1.0
+        (n_global,) = all_reduce_sum([n_tokens], self.device)
+        return None if n_tokens == 0 else n_tokens / n_global
 
-@dataclass
-class RunSpec:
-    """What every rank (and the single-process reference) builds identically.
+    def sum_gradients_(self, loss_sum: float) -> float:
+        """Sum the gradients of ``params`` over all ranks in place, and ``loss_sum`` with them.
 
-    ``model``: ``"tiny"`` (``tiny_model(seed=0)`` with the embedded tokenizer) or a name for
-    ``models.load_model``; ``cluster``: a key of ``DEFAULT_CLUSTERS``; ``train_size``: training
-    examples per task; ``batch_size``: rows of a *global* batch; ``steps`` optimizer steps.
-    """
-
-    model: str = "tiny"
-    cluster: str = "classify"
-    train_size: int = 8
-    max_length: int = 64
-    batch_size: int = 8
-    steps: int = 3
-    lr: float = 1e-2
-    seed: int = 0
-    config: CGCConfig = field(default_factory=lambda: CGCConfig(
-        n_common=1, n_specific=1, rank_common=2, rank_specific=2))
-
-
-def build(spec: RunSpec, device: torch.device | str = "cpu"):
-    """The adapted model, tokenizer and training dataset of ``spec``: ``(adapters, tokenizer, data)``.
-
-    The adapters are initialised from ``spec.seed`` (and broadcast from rank 0 by ``train``).
-    """
-    from .models import load_model, load_tokenizer, tiny_model
-
-    if spec.cluster not in DEFAULT_CLUSTERS:
-        raise ValueError(f"cluster must be one of {list(DEFAULT_CLUSTERS)}, got {spec.cluster!r}")
-    if spec.model == "tiny":
-        model, tokenizer = tiny_model(seed=0).to(device), load_tokenizer()
-    else:
-        model, tokenizer = load_model(spec.model, device=device)
-    names = DEFAULT_CLUSTERS[spec.cluster]
-    tasks = [t for t in load_default_tasks(train=spec.train_size, validation=0, test=0)
-             if t.name in names]
-    data = MultiTaskDataset(tasks, tokenizer, "train", spec.max_length)
-    torch.manual_seed(spec.seed)
-    adapters = inject(model, spec.config, names)
-    return adapters, tokenizer, data
-
-
-def shard_loader(data: MultiTaskDataset, spec: RunSpec, pad_token_id: int, rank: int = 0,
-                 world_size: int = 1) -> DataLoader:
-    """This rank's batches: its shard of each of the ``spec.steps`` task-balanced global batches."""
-    sampler = TaskBalancedSampler(data, spec.batch_size, seed=spec.seed, num_batches=spec.steps)
-    return DataLoader(data, batch_sampler=ShardedBatchSampler(sampler, rank, world_size),
-                      collate_fn=Collator(pad_token_id))
-
-
-def train_config(spec: RunSpec) -> TrainConfig:
-    return TrainConfig(steps=spec.steps, lr=spec.lr, warmup=0.0, seed=spec.seed)
-
-
-def run_train(spec: RunSpec, device="cpu", progress: bool = False) -> tuple[CGCAdapters, list[dict]]:
-    """Train ``spec`` with ``train.train`` on this rank's shards (all of each batch when alone)."""
-    rank, world_size = world()
-    adapters, tokenizer, data = build(spec, device)
-    loader = shard_loader(data, spec, tokenizer.pad_token_id, rank, world_size)
-    return adapters, train(adapters, loader, train_config(spec), progress=progress)
-
-
-def run_trainer(spec: RunSpec, out: Path, device="cpu") -> tuple[CGCAdapters, list[dict]]:
-    """Train ``spec`` with ``transformers.Trainer`` (per-device batches of ``batch_size / W``)."""
-    from transformers import TrainingArguments
-
-    from .hf import make_trainer
-
-    _, world_size = world()
-    if spec.batch_size % world_size:
-        raise ValueError(f"--engine trainer needs a global batch ({spec.batch_size}) divisible "
-                         f"by the number of processes ({world_size})")
-    adapters, tokenizer, data = build(spec, device)
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"), remove_unused_columns=False, report_to=[],
-        use_cpu=torch.device(device).type == "cpu", per_device_train_batch_size=spec.batch_size // world_size,
-        max_steps=spec.steps, learning_rate=spec.lr, lr_scheduler_type="cosine", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, seed=spec.seed, save_strategy="no", logging_steps=1,
-        disable_tqdm=True, dataloader_num_workers=0,
-    )
-    trainer = make_trainer(adapters, data, args, pad_token_id=tokenizer.pad_token_id)
-    trainer.train()
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    return adapters, history
-
-
-def save_rank(adapters: CGCAdapters, out: Path, rank: int) -> Path:
-    """Write this rank's adapter tensors to ``out/rank{rank}.safetensors``."""
-    path = out / f"rank{rank}.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()}, str(path))
-    return path
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node W -m cgclora_lite.distributed",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = RunSpec()
-    parser.add_argument("--out", required=True, type=Path, help="folder for rank*.safetensors and history.json")
-    parser.add_argument("--engine", choices=("train", "trainer"), default="train")
-    parser.add_argument("--model", default=defaults.model, help="'tiny', 'embedded' or a local model folder")
-    parser.add_argument("--cluster", default=defaults.cluster, choices=list(DEFAULT_CLUSTERS))
-    parser.add_argument("--train-size", type=int, default=defaults.train_size, help="examples per task")
-    parser.add_argument("--max-length", type=int, default=defaults.max_length)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows of a global batch")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    args = parser.parse_args(argv)
-    spec = RunSpec(model=args.model, cluster=args.cluster, train_size=args.train_size,
-                   max_length=args.max_length, batch_size=args.batch_size, steps=args.steps,
-                   lr=args.lr, seed=args.seed)
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun sets WORLD_SIZE, RANK, ...
-    device = torch.device("cpu")
-    if launched and args.engine == "train":
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    try:
-        if args.engine == "train":
-            adapters, history = run_train(spec, device, progress=not launched)
-        else:  # Trainer (accelerate) sets up the process group itself
-            adapters, history = run_trainer(spec, args.out, device)
-        rank, world_size = world()
-        args.out.mkdir(parents=True, exist_ok=True)
-        save_rank(adapters, args.out, rank)
-        if rank == 0:
-            (args.out / "history.json").write_text(json.dumps(
-                {"engine": args.engine, "world_size": world_size, "history": history}, indent=1) + "\n")
-            print(f"{args.engine} on {world_size} process(es): loss "
-                  f"{history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapters in {args.out}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+        One flat fp32 buffer, one all-reduce: (sum_p numel(p) + 1,). A parameter with no gradient
+        (its rank skipped backward) counts as zeros. Returns the summed ``loss_sum`` (in one
+        process: ``loss_sum``, gradients untouched).
+        """
+        if self.world_size == 1:
+            return loss_sum
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        device = grads[0].device
+        flat = torch.cat([g.float().flatten() for g in grads]
+                         + [torch.tensor([loss_sum], dtype=torch.float32, device=device)])  # (P + 1,)
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+        return float(flat[-1])

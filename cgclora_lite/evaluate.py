@@ -27,9 +27,9 @@ from typing import Sequence
 
 import torch
 
+from .adapters import attached_adapters
 from .data import Collator, encode_prompt
 from .tasks import Example, Task
-from .adapters import attached_adapters
 
 # Room for the answer, by metric: labels are a word or two; headlines and trivia answers short.
 MAX_NEW_TOKENS = {"accuracy": 5, "rouge_l": 24, "exact_match": 16}

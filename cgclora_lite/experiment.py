@@ -29,23 +29,21 @@ across its three stages (``modula.stage_steps``).
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import torch
 
+from .adapters import set_aside
 from .cgc import CGCConfig
-from .tasks import Task, group_by_cluster, load_default_tasks
 from .data import prompt_budget
-from .provenance import provenance
 from .evaluate import evaluate_tasks
 from .framework import OnePlusN
-from .train import TrainConfig
+from .tasks import Task, group_by_cluster
+from .train import TrainConfig, proportional_steps
 
 METHODS = ("lora", "per-task-lora", "moelora", "cgc-1+1", "cgc-1+n", "modula-flan", "modula-res")
 CGC_METHODS = METHODS[:5]  # the configurations of CGCLoRALinear (``method_config``)
@@ -120,12 +118,52 @@ def method_clusters(method: str, tasks: Sequence[Task]) -> dict[str, list[Task]]
 
 
 def split_steps(steps: int, clusters: dict[str, list[Task]]) -> dict[str, int]:
-    """Steps per cluster in proportion to its number of tasks (totals exactly ``steps``)."""
-    total = sum(len(t) for t in clusters.values())
-    shares = {name: steps * len(t) // total for name, t in clusters.items()}
-    for name in list(clusters)[: steps - sum(shares.values())]:
-        shares[name] += 1
-    return shares
+    """Steps per cluster in proportion to its number of tasks (``train.proportional_steps``:
+    largest remainders, at least one each, totals exactly ``steps``)."""
+    return proportional_steps(steps, {name: len(tasks) for name, tasks in clusters.items()})
+
+
+def train_and_score(model, tokenizer, clusters: dict[str, Sequence[Task]], config: CGCConfig,
+                    train_config: TrainConfig, batch_size: int = 8, max_length: int = 256,
+                    steps_by_cluster: dict[str, int] | None = None, eval_limit: int | None = None,
+                    progress: bool = True, save_to: Path | None = None) -> dict:
+    """Fresh adapters of ``config``, one set per cluster, trained and scored on every task.
+
+    The package's own path: ``OnePlusN.add_cluster`` (``inject``), ``train`` (task-balanced
+    batches, ``train.train``; ``steps_by_cluster`` overrides ``train_config.steps``), ``evaluate``
+    (greedy generation on the test split, at most ``eval_limit`` examples per task). Adapters
+    attached to ``model`` before are set aside for the call and put back after; the new ones are
+    detached at the end (saved first to ``save_to``, a folder ``OnePlusN.load`` reads).
+
+    Returns ``{"clusters", "trainable_parameters", "train_seconds", "eval_seconds", "scores",
+    "history", "gates"}``: ``scores[task]`` the metrics dict, ``history[cluster]`` the training
+    log, ``gates[cluster]`` the ``GateWeights`` of each gated cluster.
+    """
+    tasks = [t for members in clusters.values() for t in members]
+    with set_aside(model):
+        framework = OnePlusN(model, tokenizer, max_length)
+        try:
+            for name, members in clusters.items():
+                framework.add_cluster(name, list(members), config)
+            start = time.perf_counter()
+            histories = framework.train(train_config, batch_size, progress, steps_by_cluster)
+            train_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            scores = framework.evaluate(tasks, limit=eval_limit)
+            eval_seconds = time.perf_counter() - start
+            gates = {name: c.adapters.gate_weights() for name, c in framework.clusters.items()
+                     if c.config.gate == "task"}
+            result = {
+                "clusters": {n: [t.name for t in m] for n, m in clusters.items()},
+                "trainable_parameters": framework.num_trainable(),
+                "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                "scores": scores, "history": histories, "gates": gates,
+            }
+            if save_to is not None:
+                framework.save(save_to)
+        finally:
+            framework.deactivate()
+    return result
 
 
 def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
@@ -138,32 +176,14 @@ def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pre
     if method.startswith("modula-"):
         return _run_modula(method, model, tokenizer, tasks, preset, progress, save_to)
     torch.manual_seed(preset.seed)
-    framework = OnePlusN(model, tokenizer, preset.max_length)
     clusters = method_clusters(method, tasks)
-    for name, members in clusters.items():
-        framework.add_cluster(name, members, method_config(method, preset.r_active, preset.alpha))
-    config = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=preset.warmup,
-                         eval_every=preset.eval_every, seed=preset.seed)
-    start = time.perf_counter()
-    histories = framework.train(config, preset.batch_size, progress,
-                                steps_by_cluster=split_steps(preset.steps, clusters))
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    scores = framework.evaluate(tasks)
-    eval_seconds = time.perf_counter() - start
-    gates = {name: c.adapters.gate_weights() for name, c in framework.clusters.items()
-             if c.config.gate == "task"}
-    result = {
-        "method": method, "config": method_config(method, preset.r_active, preset.alpha).to_dict(),
-        "clusters": {n: [t.name for t in m] for n, m in clusters.items()},
-        "trainable_parameters": framework.num_trainable(),
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "scores": scores, "history": histories, "gates": gates,
-    }
-    if save_to is not None:
-        framework.save(save_to)
-    framework._deactivate()
-    return result
+    config = method_config(method, preset.r_active, preset.alpha)
+    train_config = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=preset.warmup,
+                               eval_every=preset.eval_every, seed=preset.seed)
+    result = train_and_score(model, tokenizer, clusters, config, train_config, preset.batch_size,
+                             preset.max_length, split_steps(preset.steps, clusters),
+                             progress=progress, save_to=save_to)
+    return {"method": method, "config": config.to_dict(), **result}
 
 
 def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
@@ -244,82 +264,3 @@ def results_markdown(table: pd.DataFrame, tasks: Sequence[Task], prov: dict, pre
         f"{prov['date']}.\n"
     )
     return "\n".join(rows) + "\n" + notes
-
-
-def run_experiment(preset: Preset, methods: Sequence[str] = METHODS, model_name: str | None = None,
-                   task_names: Sequence[str] | None = None, out: str | Path | None = None,
-                   progress: bool = True) -> dict:
-    """Run the experiment and write its run folder; return the metrics dict.
-
-    The folder holds ``config.json``, ``metrics.json``, ``results.md``, PNG figures
-    (``scores.png``, ``training_curves.png``, ``gates_<method>_<cluster>.png``) and each method's
-    trained adapters under ``adapters/<method>/`` (a saved ``OnePlusN``: see ``export``).
-    """
-    from . import viz
-    from .models import load_model
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    start = time.perf_counter()
-    model_name = model_name if model_name is not None else preset.model
-    if model_name == "tiny":  # the tiny model's weights follow the run's seed
-        model_name = f"tiny_model(seed={preset.seed})"
-    model, tokenizer = load_model(model_name)
-    tasks = load_default_tasks(train=preset.train, validation=preset.validation, test=preset.test,
-                               seed=preset.seed)
-    if task_names:
-        missing = sorted(set(task_names) - {t.name for t in tasks})
-        if missing:
-            raise ValueError(f"unknown tasks {missing}; default tasks: {[t.name for t in tasks]}")
-        tasks = [t for t in tasks if t.name in task_names]
-    out = Path(out or f"runs/{preset.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    prov = provenance(model, seed=preset.seed)
-    (out / "config.json").write_text(json.dumps({
-        "preset": asdict(preset), "methods": list(methods), "tasks": [t.name for t in tasks],
-        "task_clusters": {t.name: t.cluster for t in tasks}, "budget_rule": BUDGET_RULE,
-        "provenance": prov}, indent=2) + "\n")
-
-    print(f"zero-shot: {getattr(model, 'name_or_path', '')} on {len(tasks)} tasks", flush=True)
-    base = evaluate_tasks(model, tokenizer, tasks, max_prompt_length=prompt_budget(preset.max_length))
-    results = {"base (zero-shot)": {"scores": base, "trainable_parameters": 0, "train_seconds": None}}
-    for method in methods:
-        clusters = {n: [t.name for t in m] for n, m in method_clusters(method, tasks).items()}
-        print(f"\n== {method}: clusters {clusters}", flush=True)
-        results[method] = run_method(method, model, tokenizer, tasks, preset, progress,
-                                     save_to=out / "adapters" / method)
-
-    table = seesaw_table({m: {t: s["score"] for t, s in r["scores"].items()} for m, r in results.items()},
-                         {m: r["trainable_parameters"] for m, r in results.items()},
-                         {m: r["train_seconds"] for m, r in results.items() if r["train_seconds"]})
-    markdown = results_markdown(table, tasks, prov, preset)
-    (out / "results.md").write_text(markdown)
-    _write_figures(viz, results, tasks, out)
-    metrics = {
-        "provenance": prov, "total_seconds": time.perf_counter() - start,
-        "methods": {m: {k: v for k, v in r.items() if k != "gates"} for m, r in results.items()},
-        "table": json.loads(table.to_json(orient="index")),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    print("\n" + markdown + f"\nwrote {out}/ in {metrics['total_seconds']:.0f} s")
-    return metrics
-
-
-def _write_figures(viz, results: dict, tasks: Sequence[Task], out: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    scores = pd.DataFrame([{"method": m, "task": t, "score": s["score"]}
-                           for m, r in results.items() for t, s in r["scores"].items()])
-    figures = {"scores.png": viz.score_bars(scores)}
-    history = pd.DataFrame([{"method": m, "cluster": c, **h} for m, r in results.items()
-                            for c, hs in r.get("history", {}).items() for h in hs])
-    if not history.empty:
-        figures["training_curves.png"] = viz.training_curves(history)
-    for method, result in results.items():
-        for cluster, gates in result.get("gates", {}).items():
-            figures[f"gates_{method}_{cluster}.png".replace("+", "plus")] = viz.gate_heatmap(
-                gates, title=f"{method}, cluster {cluster!r}: gate weights (mean over layers)")
-    for name, fig in figures.items():
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from ._version import __version__
 from .cgc import CGCConfig
 from .data import Collator, MultiTaskDataset, prompt_budget, task_balanced_loader
-from .tasks import Example, Task
 from .evaluate import MAX_NEW_TOKENS, evaluate_tasks, generate_answers
 from .inject import CGCAdapters, inject, load_adapters
 from .routing import TaskRoutingError
+from .tasks import Example, Task
 from .train import TrainConfig, train
 
 FRAMEWORK_FILE = "framework.json"

@@ -49,7 +49,7 @@ from typing import Any
 from transformers import Trainer
 
 from .data import Collator, MultiTaskDataset
-from .inject import CGCAdapters
+from .adapters import AdapterSet
 
 
 def to_hf_dataset(data: MultiTaskDataset):
@@ -72,7 +72,7 @@ class CGCTrainer(Trainer):
     ``model(...)``, where the injection hook routes them. Build it with ``make_trainer``.
     """
 
-    def __init__(self, *args, adapters: CGCAdapters, **kwargs):
+    def __init__(self, *args, adapters: AdapterSet, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapters = adapters
 
@@ -88,7 +88,7 @@ class CGCTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
 
-def make_trainer(adapters: CGCAdapters, train_dataset, args, eval_dataset=None, *,
+def make_trainer(adapters: AdapterSet, train_dataset, args, eval_dataset=None, *,
                  pad_token_id: int, **trainer_kwargs):
     """A ``CGCTrainer`` (a ``transformers.Trainer``) that trains ``adapters`` and nothing else.
 

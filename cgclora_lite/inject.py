@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .adapters import AdapterSet
+from .adapters import AdapterSet, attached_adapters, find_targets
 from .cgc import CGCConfig, CGCLoRALinear, TaskGate, expert_names
 from .checkpoint import CheckpointError
 from .lora import adapter_dtype
@@ -147,6 +147,66 @@ class CGCAdapters(AdapterSet):
             adapters.detach()
             raise
         return adapters
+
+
+# --- counting parameters before building anything -----------------------------------------
+
+def target_shapes(model, config: CGCConfig) -> dict[str, tuple[int, int]]:
+    """``{module name: (d_out, d_in)}`` of every linear layer ``inject(model, config, ...)`` adapts.
+
+    The model must not have adapters attached (their layers are no longer ``nn.Linear``).
+    """
+    if attached_adapters(model) is not None:
+        raise ValueError("the model has CGC-LoRA adapters attached: detach() them (or call the "
+                         "framework's deactivate()) before reading its layer shapes")
+    names = find_targets(model, config.target_modules, config.exclude_modules)
+    return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
+
+
+def count_parameters(model_or_shapes, config: CGCConfig, n_tasks: int) -> dict[str, int]:
+    """Parameter counts of CGC-LoRA adapters with ``config`` for ``n_tasks`` tasks, without building them.
+
+    ``model_or_shapes``: a model (its targets are found as ``inject`` finds them), a dict
+    ``{name: (d_out, d_in)}`` (``target_shapes``), or a list of ``(d_out, d_in)``. Per adapted
+    layer, an expert of rank r has ``r * (d_in + d_out)`` parameters (A: r x d_in, B: d_out x r)
+    and a task gate ``T * D + (K_c + K_s) * D`` (task embeddings T x D, map G (K_c + K_s) x D),
+    one per layer or one in all (``gate_scope``). Returns a dict:
+
+    * ``adapted_layers``, ``active_rank`` (r_active: the rank one task sees), ``total_rank`` (R
+      per layer, all experts of all tasks);
+    * ``common``, ``specific`` (all tasks), ``specific_per_task``, ``gate``: the parts;
+    * ``trainable``: their sum, equal to ``inject(...).num_trainable()``;
+    * ``per_task``: the expert parameters one task uses, ``common + specific_per_task``: the size
+      of the plain LoRA of rank r_active that exports that task (``export_factors``).
+    """
+    if n_tasks < 1:
+        raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
+    if isinstance(model_or_shapes, dict):
+        shapes = list(model_or_shapes.values())
+    elif isinstance(model_or_shapes, (list, tuple)):
+        shapes = list(model_or_shapes)
+    else:
+        shapes = list(target_shapes(model_or_shapes, config).values())
+    if not shapes:
+        raise ValueError("no layer shapes: nothing would be adapted")
+    width = sum(d_out + d_in for d_out, d_in in shapes)  # one rank column in every layer
+    common = sum(config.common_ranks) * width
+    specific_per_task = sum(config.specific_ranks) * width
+    gate = 0
+    if config.gate == "task":
+        one_gate = (n_tasks + config.n_common + config.n_specific) * config.task_embedding_dim
+        gate = one_gate * (len(shapes) if config.gate_scope == "layer" else 1)
+    return {
+        "adapted_layers": len(shapes),
+        "active_rank": config.r_active,
+        "total_rank": sum(config.common_ranks) + n_tasks * sum(config.specific_ranks),
+        "common": common,
+        "specific": n_tasks * specific_per_task,
+        "specific_per_task": specific_per_task,
+        "gate": gate,
+        "trainable": common + n_tasks * specific_per_task + gate,
+        "per_task": common + specific_per_task,
+    }
 
 
 def inject(model: nn.Module, config: CGCConfig, tasks: Sequence[str]) -> CGCAdapters:

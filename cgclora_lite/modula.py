@@ -47,18 +47,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import MultiTaskDataset, task_balanced_loader
-from .tasks import Task
 from .adapters import AdapterSet
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, JSONConfig
+from .data import MultiTaskDataset, task_balanced_loader
 from .lora import AdaptedLinear, MergeError, TargetSpec, adapter_dtype, init_lora_A
-from .train import TrainConfig, train
+from .tasks import Task
+from .train import TrainConfig, proportional_steps, train
 
 VARIANTS = ("flan", "res")
 
 
 @dataclass
-class MoDULAConfig:
+class MoDULAConfig(JSONConfig):
     """A MoDULA adapter set. ``stage_fractions``: shares of the training steps of the universal,
     domain and router stages (they must sum to 1). ``router_lr_scale``: the router stage's
     learning rate is the run's times this (the router starts at zero and its gradient is small:
@@ -97,18 +97,6 @@ class MoDULAConfig:
     @property
     def method(self) -> str:
         return f"modula-{self.variant}"
-
-    def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MoDULAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MoDULAConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 class MoDULALinear(AdaptedLinear):
@@ -327,26 +315,20 @@ def load_modula(model: nn.Module, path) -> MoDULAAdapters:
 
 def stage_steps(steps: int, config: MoDULAConfig, domains: dict[str, Sequence[Task]],
                 only: Sequence[str] | None = None) -> dict[str, int]:
-    """Steps per stage: universal, each domain (in proportion to its tasks), router; >= 1 each,
-    summing to ``steps`` (which must be at least the number of stages). With ``only`` (domains
-    added later) there is no universal stage and those domains and the router share ``steps``."""
+    """Steps per stage: universal, each domain (in proportion to its tasks), router, by
+    ``train.proportional_steps`` (>= 1 each, summing to ``steps``, which must be at least the
+    number of stages). With ``only`` (domains added later) there is no universal stage and those
+    domains and the router share ``steps``."""
     f_u, f_d, f_r = config.stage_fractions
     if only is not None:
         domains = {d: domains[d] for d in only}
-        f_u, f_d, f_r = 0.0, f_d / (f_d + f_r), f_r / (f_d + f_r)
-    names = ["universal"] * (only is None) + [*domains, "router"]
-    if steps < len(names):
-        raise ValueError(f"MoDULA needs at least {len(names)} steps (one per stage), got {steps}")
     total = sum(len(t) for t in domains.values())
-    raw = {"universal": f_u * steps, "router": f_r * steps,
-           **{d: f_d * steps * len(t) / total for d, t in domains.items()}}
-    raw = {n: raw[n] for n in names}
-    shares = {n: max(1, int(raw[n])) for n in names}
-    while sum(shares.values()) > steps:  # take from the largest
-        shares[max(shares, key=shares.get)] -= 1
-    for name in sorted(names, key=lambda n: raw[n] - int(raw[n]), reverse=True)[: steps - sum(shares.values())]:
-        shares[name] += 1
-    return shares
+    weights = {"universal": f_u} if only is None else {}
+    weights.update({d: f_d * len(t) / total for d, t in domains.items()})
+    weights["router"] = f_r
+    if steps < len(weights):
+        raise ValueError(f"MoDULA needs at least {len(weights)} steps (one per stage), got {steps}")
+    return proportional_steps(steps, weights)
 
 
 def train_modula(adapters: MoDULAAdapters, tasks: Sequence[Task], tokenizer, config: TrainConfig,

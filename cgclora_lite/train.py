@@ -12,26 +12,8 @@ whole 49k vocabulary at every position costs more than the rest of a small model
 clipping, gradient accumulation, bf16 autocast on CUDA, a fixed seed, a ``tqdm`` progress bar
 showing the loss, optional periodic validation, and a recorded history.
 
-**Data parallel.** When a ``torch.distributed`` process group of W > 1 processes is running
-(``torchrun --nproc_per_node W``), ``train`` makes the W processes one training run: each rank
-r gets its own shard of every global batch (see ``distributed.py``) and
-
-* the adapters start from rank 0's values (broadcast), so every rank holds the same weights;
-* the loss is the mean over the answer tokens of the *global* batch, not of each shard. With
-  n_r answer tokens on rank r and N = sum_r n_r (one all-reduce of a count per batch), rank r
-  back-propagates ``answer_loss * n_r / N`` = (sum of its token losses) / N, and the adapter
-  gradients are **summed** over ranks: sum_r grad(S_r) / N = grad of the global token mean,
-  whatever the shards' token counts (averaging per-rank means, DDP's default, weights a token
-  of a short shard more than one of a long shard);
-* the gradients are summed by hand, once per optimizer step, in one flat buffer holding only
-  the adapter gradients (the frozen base has none), before clipping, so every rank clips the
-  same global gradient and takes the same AdamW step.
-
-Why not ``DistributedDataParallel``: ``answer_loss`` calls the decoder and the head separately
-(to run the head on answer positions only), and DDP synchronises gradients only for calls that
-go through its own ``forward``; wrapping would silently train each rank on its shard alone. One
-all-reduce per optimizer step is also what DDP with ``no_sync`` during accumulation does.
-With one process (no process group) nothing of this runs and training is unchanged.
+Under ``torchrun`` the same loop trains W processes as one: ``distributed.GradientSync``
+normalises the loss by the global batch's answer tokens and sums the gradients (see there).
 """
 
 from __future__ import annotations
@@ -42,11 +24,11 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .inject import CGCAdapters
+from .distributed import GradientSync, all_reduce_sum
+from .adapters import AdapterSet
 
 
 @dataclass
@@ -77,6 +59,28 @@ class TrainConfig:
             raise ValueError("steps and grad_accum must be >= 1")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+def proportional_steps(steps: int, weights: dict[str, float]) -> dict[str, int]:
+    """Divide ``steps`` optimizer steps among named parts in proportion to ``weights``.
+
+    The largest-remainder rule: each part gets the floor of its share (at least one step), then
+    the steps left go one each to the parts with the largest fractional remainders (ties: in the
+    given order). The shares sum to ``steps``. Every budget split of the package uses it (1+N
+    clusters in ``experiment``, MoDULA's stages in ``modula``).
+    """
+    if steps < len(weights):
+        raise ValueError(f"{steps} steps cannot give each of the {len(weights)} parts "
+                         f"{list(weights)} a step: use at least {len(weights)} steps")
+    total = sum(weights.values())
+    raw = {name: steps * w / total for name, w in weights.items()}
+    shares = {name: max(1, int(r)) for name, r in raw.items()}
+    while sum(shares.values()) > steps:  # the one-step minimum took steps from the others
+        shares[max(shares, key=shares.get)] -= 1
+    by_remainder = sorted(raw, key=lambda name: raw[name] - int(raw[name]), reverse=True)
+    for name in by_remainder[: steps - sum(shares.values())]:
+        shares[name] += 1
+    return shares
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -121,41 +125,9 @@ def _forever(batches: Iterable[dict]):
             raise ValueError("no training batches: the training data is empty")
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the running process group; (0, 1) when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def answer_tokens(batch: dict) -> int:
     """Number of answer tokens of a batch: the targets (labels[:, 1:]) that are not -100."""
     return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum plain numbers over all ranks (one all-reduce)."""
-    buffer = torch.tensor(values, dtype=torch.float64, device=device)  # (n,)
-    dist.all_reduce(buffer)
-    return buffer.tolist()
-
-
-def _sum_gradients(params: list[torch.nn.Parameter], extra: float) -> float:
-    """Sum the gradients of ``params`` over all ranks in place, and ``extra`` with them.
-
-    One flat fp32 buffer, one all-reduce: (sum_p numel(p) + 1,). A parameter with no gradient
-    (its rank skipped backward) counts as zeros. Returns the summed ``extra``.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    device = grads[0].device
-    flat = torch.cat([g.float().flatten() for g in grads]
-                     + [torch.tensor([extra], dtype=torch.float32, device=device)])  # (P + 1,)
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
-        offset += g.numel()
-    return float(flat[-1])
 
 
 def _to(batch: dict, device) -> dict:
@@ -163,7 +135,7 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(adapters: CGCAdapters, batches: Iterable[dict], amp: bool = False) -> float:
+def evaluate_loss(adapters: AdapterSet, batches: Iterable[dict], amp: bool = False) -> float:
     """Mean answer loss over ``batches`` (each batch weighted by its answer tokens).
 
     Under ``torchrun`` it is a collective: call it on every rank; each returns the mean over the
@@ -183,13 +155,12 @@ def evaluate_loss(adapters: CGCAdapters, batches: Iterable[dict], amp: bool = Fa
             total += answer_loss(model, batch).item() * n
         count += n
     model.train(was_training)
-    if world()[1] > 1:  # every rank returns the mean over all ranks' batches
-        total, count = _all_reduce_sum([total, count], device)
+    total, count = all_reduce_sum([total, count], device)  # under torchrun: over all ranks' batches
     return total / max(count, 1)
 
 
 def train(
-    adapters: CGCAdapters,
+    adapters: AdapterSet,
     batches: Iterable[dict],
     config: TrainConfig = TrainConfig(),
     validation: Iterable[dict] | None = None,
@@ -203,24 +174,21 @@ def train(
     start, and ``val_loss`` on validation steps.
 
     Under ``torchrun`` (a process group of W > 1 ranks), ``batches`` are this rank's shards of
-    the global batches and the W calls train as one (module docstring): same weights on every
+    the global batches and the W calls train as one (``distributed.py``): same weights on every
     rank, the loss and gradient of the global batch, the same history on every rank.
     """
-    rank, world_size = world()
-    torch.manual_seed(config.seed + rank)  # ranks draw different dropout masks
     model = adapters.model
     device = next(model.parameters()).device
     amp = config.amp if config.amp is not None else device.type == "cuda"
     params = adapters.parameters()
-    if world_size > 1:
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=0)
+    sync = GradientSync(params, device)  # one process: does nothing
+    torch.manual_seed(config.seed + sync.rank)  # ranks draw different dropout masks
+    sync.broadcast_()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     stream = batches if hasattr(batches, "__next__") else _forever(batches)
     history, start = [], time.perf_counter()
     model.train()
-    bar = tqdm(range(config.steps), desc="train", disable=not progress or rank != 0)
+    bar = tqdm(range(config.steps), desc="train", disable=not progress or sync.rank != 0)
     for step in bar:
         lr = config.lr * lr_factor(step, config)
         for group in optimizer.param_groups:
@@ -228,20 +196,15 @@ def train(
         loss_sum = 0.0
         for _ in range(config.grad_accum):
             batch = _to(next(stream), device)
-            if world_size > 1:  # n_r answer tokens here, N in the global batch
-                n_local = answer_tokens(batch)
-                (n_global,) = _all_reduce_sum([n_local], device)
-                if n_local == 0:  # nothing to learn from this shard: it adds zero gradient
-                    continue
+            weight = sync.loss_weight(answer_tokens(batch))  # 1; under torchrun n_r / N
+            if weight is None:  # no answer token in this rank's shard: it adds zero gradient
+                continue
             with adapters.route(batch["task_ids"]):  # backward inside: checkpointing re-runs forwards
                 with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                    loss = answer_loss(model, batch)
-                    if world_size > 1:
-                        loss = loss * (n_local / n_global)  # (sum of this rank's token losses) / N
+                    loss = answer_loss(model, batch) * weight
                 (loss / config.grad_accum).backward()
             loss_sum += loss.item()
-        if world_size > 1:  # gradients and loss of the global batch, on every rank
-            loss_sum = _sum_gradients(params, loss_sum)
+        loss_sum = sync.sum_gradients_(loss_sum)  # under torchrun: of the global batch, on every rank
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

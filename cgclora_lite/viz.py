@@ -4,7 +4,6 @@
 * ``training_curves``: training loss against step, one line per method and cluster;
 * ``gate_heatmap``: the gate weights of one cluster, task x expert (mean over layers, or one layer);
 * ``layer_gate_heatmap``: one task's gate weights, layer x expert (all layers or one module kind);
-* ``count_parameters``: the parameter counts of an expert configuration, from layer shapes only;
 * ``affinity_clustermap``: a task affinity matrix, clustered, coloured by cluster (see ``affinity``).
 
 Each takes plain data (a pandas DataFrame or a ``GateWeights``), so notebooks and widgets can call
@@ -19,7 +18,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from .cgc import CGCConfig
+from .affinity import Affinity, affinity_linkage
 from .inject import GateWeights
 
 
@@ -142,69 +141,9 @@ def layer_gate_heatmap(gates: GateWeights, task: str | int, module: str | None =
     return fig
 
 
-def target_shapes(model, config: CGCConfig) -> dict[str, tuple[int, int]]:
-    """``{module name: (d_out, d_in)}`` of every linear layer ``inject(model, config, ...)`` adapts.
-
-    The model must not have adapters attached (their layers are no longer ``nn.Linear``).
-    """
-    from .adapters import attached_adapters, find_targets
-
-    if attached_adapters(model) is not None:
-        raise ValueError("the model has CGC-LoRA adapters attached: detach() them (or call the "
-                         "framework's deactivate()) before reading its layer shapes")
-    names = find_targets(model, config.target_modules, config.exclude_modules)
-    return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
-
-
-def count_parameters(model_or_shapes, config: CGCConfig, n_tasks: int) -> dict[str, int]:
-    """Parameter counts of CGC-LoRA adapters with ``config`` for ``n_tasks`` tasks, without building them.
-
-    ``model_or_shapes``: a model (its targets are found as ``inject`` finds them), a dict
-    ``{name: (d_out, d_in)}`` (``target_shapes``), or a list of ``(d_out, d_in)``. Per adapted
-    layer, an expert of rank r has ``r * (d_in + d_out)`` parameters (A: r x d_in, B: d_out x r)
-    and a task gate ``T * D + (K_c + K_s) * D`` (task embeddings T x D, map G (K_c + K_s) x D),
-    one per layer or one in all (``gate_scope``). Returns a dict:
-
-    * ``adapted_layers``, ``active_rank`` (r_active: the rank one task sees), ``total_rank`` (R
-      per layer, all experts of all tasks);
-    * ``common``, ``specific`` (all tasks), ``specific_per_task``, ``gate``: the parts;
-    * ``trainable``: their sum, equal to ``inject(...).num_trainable()``;
-    * ``per_task``: the expert parameters one task uses, ``common + specific_per_task``: the size
-      of the plain LoRA of rank r_active that exports that task (``export_factors``).
-    """
-    if n_tasks < 1:
-        raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
-    if isinstance(model_or_shapes, dict):
-        shapes = list(model_or_shapes.values())
-    elif isinstance(model_or_shapes, (list, tuple)):
-        shapes = list(model_or_shapes)
-    else:
-        shapes = list(target_shapes(model_or_shapes, config).values())
-    if not shapes:
-        raise ValueError("no layer shapes: nothing would be adapted")
-    width = sum(d_out + d_in for d_out, d_in in shapes)  # one rank column in every layer
-    common = sum(config.common_ranks) * width
-    specific_per_task = sum(config.specific_ranks) * width
-    gate = 0
-    if config.gate == "task":
-        one_gate = (n_tasks + config.n_common + config.n_specific) * config.task_embedding_dim
-        gate = one_gate * (len(shapes) if config.gate_scope == "layer" else 1)
-    return {
-        "adapted_layers": len(shapes),
-        "active_rank": config.r_active,
-        "total_rank": sum(config.common_ranks) + n_tasks * sum(config.specific_ranks),
-        "common": common,
-        "specific": n_tasks * specific_per_task,
-        "specific_per_task": specific_per_task,
-        "gate": gate,
-        "trainable": common + n_tasks * specific_per_task + gate,
-        "per_task": common + specific_per_task,
-    }
-
-
 # --- task affinity ----------------------------------------------------------------------------
 
-def affinity_clustermap(affinity: "Affinity", clusters: dict[str, list[str]] | None = None,
+def affinity_clustermap(affinity: Affinity, clusters: dict[str, list[str]] | None = None,
                         linkage: str = "average", title: str | None = None) -> plt.Figure:
     """Seaborn clustermap of a task affinity matrix (rows: source task i, columns: target task j).
 
@@ -216,8 +155,6 @@ def affinity_clustermap(affinity: "Affinity", clusters: dict[str, list[str]] | N
     """
     import numpy as np
     from matplotlib.patches import Patch
-
-    from .affinity import affinity_linkage
 
     tree = affinity_linkage(affinity, linkage)  # raises for fewer than two tasks
     frame = affinity.matrix.rename_axis(index="source task i", columns="target task j")
@@ -246,3 +183,23 @@ def affinity_clustermap(affinity: "Affinity", clusters: dict[str, list[str]] | N
                                       bbox_to_anchor=(1.02, 0.5), fontsize=8, title_fontsize=9)
     grid.figure.suptitle(title or f"Task affinity ({label})", y=1.02)
     return grid.figure
+
+
+# --- a run folder's figures -------------------------------------------------------------------
+
+def run_figures(results: dict) -> dict[str, plt.Figure]:
+    """The figures of an experiment's run folder, by file name: ``scores.png`` (``score_bars``),
+    ``training_curves.png`` (``training_curves``) and one ``gates_<method>_<cluster>.png``
+    (``gate_heatmap``) per gated cluster. ``results``: ``{method: run_method(...) result}``."""
+    scores = pd.DataFrame([{"method": m, "task": t, "score": s["score"]}
+                           for m, r in results.items() for t, s in r["scores"].items()])
+    figures = {"scores.png": score_bars(scores)}
+    history = pd.DataFrame([{"method": m, "cluster": c, **h} for m, r in results.items()
+                            for c, hs in r.get("history", {}).items() for h in hs])
+    if not history.empty:
+        figures["training_curves.png"] = training_curves(history)
+    for method, result in results.items():
+        for cluster, gates in result.get("gates", {}).items():
+            figures[f"gates_{method}_{cluster}.png".replace("+", "plus")] = gate_heatmap(
+                gates, title=f"{method}, cluster {cluster!r}: gate weights (mean over layers)")
+    return figures

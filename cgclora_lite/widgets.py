@@ -5,8 +5,8 @@
   layer x expert for one task.
 * ``ExpertPanel``: sliders for the number of common and specific experts and their rank, the
   parameter count of that configuration (updated as a slider moves, computed from layer shapes by
-  ``viz.count_parameters``), and a Train button that trains fresh adapters of that configuration
-  (``train_and_score``: ``OnePlusN`` + ``train`` + ``evaluate``), then draws their gate weights
+  ``inject.count_parameters``), and a Train button that trains fresh adapters of that configuration
+  (``experiment.train_and_score``: ``OnePlusN`` + ``train`` + ``evaluate``), then draws their gate weights
   and the test score of every run so far.
 
 Core widgets only, so they work with ipywidgets 7.6+ (Colab ships 7.7) and 8. Every widget carries
@@ -16,7 +16,6 @@ a stable CSS class (``cgclora-...``, see ``CLASSES``) for browser tests. Callbac
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Iterator, Mapping, Sequence
@@ -27,11 +26,11 @@ import pandas as pd
 from IPython.display import display
 
 from . import viz
+from .adapters import set_aside
 from .cgc import CGCConfig
+from .experiment import train_and_score
+from .inject import GateWeights, count_parameters, target_shapes
 from .tasks import Task
-from .framework import OnePlusN
-from .inject import GateWeights
-from .adapters import attached_adapters
 from .train import TrainConfig
 
 MEAN = "mean over layers"
@@ -56,14 +55,15 @@ def _tag(widget: W.DOMWidget, key: str) -> W.DOMWidget:
     return widget
 
 
-# --- training one configuration ----------------------------------------------------------------
+# --- one press of Train -------------------------------------------------------------------------
 
 @dataclass
-class TrainResult:
-    """What one ``train_and_score`` run gives: its configuration, gates, scores and cost.
+class PanelRun:
+    """One press of an ``ExpertPanel``'s Train button: the configuration and what it gave.
 
     ``gates`` is None for an ungated configuration; ``scores`` maps task name -> headline test
-    score; ``history`` is the training log (one dict per step); ``trainable`` counts parameters.
+    score; ``history`` is the training log (one dict per step); ``trainable`` counts parameters;
+    ``seconds`` is the training plus scoring time.
     """
 
     label: str
@@ -73,50 +73,6 @@ class TrainResult:
     history: list[dict]
     trainable: int
     seconds: float
-
-
-@contextmanager
-def borrowed(model) -> Iterator[None]:
-    """Take the adapters attached to ``model`` (if any) out for the block, and put them back after.
-
-    So a panel can train its own adapters on a central model that a ``OnePlusN`` framework also
-    uses: the framework's active cluster is unchanged afterwards.
-    """
-    previous = attached_adapters(model)
-    if previous is not None:
-        previous.detach()  # raises if a task is merged: unmerge() first
-    try:
-        yield
-    finally:
-        if previous is not None:
-            previous.attach()
-
-
-def train_and_score(model, tokenizer, tasks: Sequence[Task], config: CGCConfig,
-                    train_config: TrainConfig, batch_size: int = 8, max_length: int = 80,
-                    eval_limit: int | None = None, progress: bool = True,
-                    label: str = "run") -> TrainResult:
-    """Train fresh CGC-LoRA adapters with ``config`` on ``tasks`` (one cluster) and score them.
-
-    The package's own path: ``OnePlusN.add_cluster`` (``inject``), ``train_cluster`` (task-balanced
-    batches, ``train``), ``evaluate`` (greedy generation on the test split, at most ``eval_limit``
-    examples per task). The adapters are taken out of the model afterwards, and whatever adapters
-    were attached before are put back (``borrowed``).
-    """
-    start = time.perf_counter()
-    with borrowed(model):
-        framework = OnePlusN(model, tokenizer, max_length)
-        cluster = framework.add_cluster("panel", list(tasks), config)
-        try:
-            history = framework.train_cluster("panel", train_config, batch_size, progress)
-            scores = framework.evaluate(list(tasks), limit=eval_limit)
-            gates = cluster.adapters.gate_weights() if config.gate == "task" else None
-            trainable = cluster.adapters.num_trainable()
-        finally:
-            cluster.adapters.unmerge()
-            cluster.adapters.detach()
-    return TrainResult(label, config, gates, {t: s["score"] for t, s in scores.items()}, history,
-                       trainable, time.perf_counter() - start)
 
 
 # --- the gate explorer -------------------------------------------------------------------------
@@ -262,8 +218,8 @@ class ExpertPanel(W.VBox):
         progress: show the training progress bar.
         explorer: a ``GateExplorer`` to which each run's gates are added.
 
-    ``runs`` lists every ``TrainResult``; ``counts`` is the current configuration's
-    ``viz.count_parameters``; ``figures`` holds the last figures drawn.
+    ``runs`` lists every ``PanelRun``; ``counts`` is the current configuration's
+    ``inject.count_parameters``; ``figures`` holds the last figures drawn.
     """
 
     def __init__(self, model, tokenizer, tasks: Sequence[Task], config: CGCConfig | None = None, *,
@@ -277,11 +233,11 @@ class ExpertPanel(W.VBox):
         self.train_config = train_config or TrainConfig(steps=16, lr=2e-3)
         self.batch_size, self.max_length, self.eval_limit = batch_size, max_length, eval_limit
         self.progress, self.explorer = progress, explorer
-        self.runs: list[TrainResult] = []
+        self.runs: list[PanelRun] = []
         self.figures: list[plt.Figure] = []
         self.counts: dict[str, int] | None = None
-        with borrowed(model):
-            self.shapes = viz.target_shapes(model, config)  # {name: (d_out, d_in)}
+        with set_aside(model):
+            self.shapes = target_shapes(model, config)  # {name: (d_out, d_in)}
         rank = (config.common_ranks or config.specific_ranks)[0]
 
         def slider(value: int, low: int, high: int, description: str, key: str) -> W.IntSlider:
@@ -325,14 +281,14 @@ class ExpertPanel(W.VBox):
             self.count_label.value = f"<span style='color:#b00020'>Not a valid configuration: {error}</span>"
             self.train_button.disabled = True
             return
-        self.counts = c = viz.count_parameters(self.shapes, config, len(self.tasks))
+        self.counts = c = count_parameters(self.shapes, config, len(self.tasks))
         self.count_label.value = (
             f"<b>{c['trainable']:,}</b> trainable parameters ({config.method}, {c['adapted_layers']} "
             f"layers, {len(self.tasks)} tasks): active rank {c['active_rank']}, "
             f"{c['per_task']:,} per task as a plain LoRA, gates {c['gate']:,}")
         self.train_button.disabled = False
 
-    def train(self) -> TrainResult | None:
+    def train(self) -> PanelRun | None:
         """Train the sliders' configuration (what the Train button does); draw and return the run.
 
         Returns None if training failed: in a notebook the traceback shows in the panel.
@@ -346,9 +302,13 @@ class ExpertPanel(W.VBox):
         try:
             self.plot.clear_output(wait=True)
             with self.plot:  # the progress bar, or a traceback, goes here
-                result = train_and_score(self.model, self.tokenizer, self.tasks, config,
-                                         self.train_config, self.batch_size, self.max_length,
-                                         self.eval_limit, self.progress, label)
+                run = train_and_score(self.model, self.tokenizer, {"panel": self.tasks}, config,
+                                      self.train_config, self.batch_size, self.max_length,
+                                      eval_limit=self.eval_limit, progress=self.progress)
+                result = PanelRun(label, config, run["gates"].get("panel"),
+                                  {t: s["score"] for t, s in run["scores"].items()},
+                                  run["history"]["panel"], run["trainable_parameters"],
+                                  run["train_seconds"] + run["eval_seconds"])
         finally:
             self.train_button.disabled = False
         if result is None:

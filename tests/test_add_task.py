@@ -151,9 +151,9 @@ def test_add_task_errors():
 
 
 def test_framework_add_task_trains_only_the_new_task(tmp_path):
-    from cgclora_lite.tasks import load_default_tasks
     from cgclora_lite.framework import OnePlusN
     from cgclora_lite.models import load_tokenizer
+    from cgclora_lite.tasks import load_default_tasks
 
     tasks = {t.name: t for t in load_default_tasks(train=8, validation=0, test=3)}
     framework = OnePlusN(tiny_model(seed=0), load_tokenizer(), max_length=64)

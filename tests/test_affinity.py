@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cgclora_lite import CGCConfig, attached_adapters, inject
-from cgclora_lite.__main__ import main
+from cgclora_lite.cli import main
 from cgclora_lite.affinity import Affinity, cluster_tasks, task_affinity
 from cgclora_lite.cgc import CGCLoRALinear
-from cgclora_lite.data import Example, Task
+from cgclora_lite.tasks import Example, Task
 from cgclora_lite.framework import OnePlusN
 from cgclora_lite.models import load_tokenizer, tiny_model
 from cgclora_lite.viz import affinity_clustermap

@@ -11,7 +11,9 @@ import torch
 from conftest import randomize
 from safetensors.torch import load_file
 
-from cgclora_lite.distributed import RunSpec, build, run_train, shard, shard_loader
+from cgclora_lite.data import shard
+from cgclora_lite.distributed import GradientSync, all_reduce_sum, world
+from cgclora_lite.launch import RunSpec, build, run_train, shard_loader
 from cgclora_lite.train import answer_loss, answer_tokens
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -19,9 +21,9 @@ SPEC = RunSpec(steps=3)  # tiny model, 'classify' cluster (topic, sentiment), gl
 
 
 def launch(out: Path, *extra: str, timeout: int = 240) -> None:
-    """Run ``torchrun --standalone --nproc_per_node 2 -m cgclora_lite.distributed`` into ``out``."""
+    """Run ``torchrun --standalone --nproc_per_node 2 -m cgclora_lite.launch`` into ``out``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "cgclora_lite.distributed",
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "cgclora_lite.launch",
                "--steps", str(SPEC.steps), "--out", str(out), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -35,6 +37,18 @@ def test_shards_are_contiguous_and_cover_the_batch():
     assert shard(batch, 0, 1) == batch
     with pytest.raises(ValueError, match="at least the number of processes"):
         shard([1, 2], 0, 3)
+
+
+def test_gradient_sync_does_nothing_in_one_process():
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.full((2, 3), 0.5)
+    sync = GradientSync(params, torch.device("cpu"))
+    assert world() == (0, 1) and (sync.rank, sync.world_size) == (0, 1)
+    sync.broadcast_()
+    assert sync.loss_weight(7) == 1.0 and sync.loss_weight(0) == 1.0  # alone, no batch is skipped
+    assert sync.sum_gradients_(1.25) == 1.25
+    assert torch.equal(params[0].grad, torch.full((2, 3), 0.5)) and params[1].grad is None
+    assert all_reduce_sum([3.0, 4], "cpu") == [3.0, 4]
 
 
 def test_torchrun_ranks_agree_with_each_other_and_with_one_process(tmp_path):

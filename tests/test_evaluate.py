@@ -2,9 +2,17 @@
 
 import pytest
 
+from cgclora_lite.evaluate import (
+    exact_match,
+    first_word,
+    label_scores,
+    normalize_answer,
+    parse_label,
+    rouge_l,
+    score_task,
+    token_f1,
+)
 from cgclora_lite.tasks import Task
-from cgclora_lite.evaluate import (exact_match, first_word, label_scores, normalize_answer,
-                                   parse_label, rouge_l, score_task, token_f1)
 
 LABELS = ["negative", "neutral", "positive"]
 

@@ -6,9 +6,9 @@ import torch
 from conftest import randomize
 
 from cgclora_lite import CGCConfig, TaskRoutingError, attached_adapters
-from cgclora_lite.tasks import group_by_cluster, load_default_tasks
 from cgclora_lite.framework import OnePlusN
 from cgclora_lite.models import load_tokenizer, tiny_model
+from cgclora_lite.tasks import group_by_cluster, load_default_tasks
 from cgclora_lite.train import TrainConfig
 
 CONFIG = CGCConfig(n_common=1, n_specific=1, rank_common=2, rank_specific=2)

@@ -3,13 +3,13 @@ gathered rank layouts against the per-expert loop, dropout, autocast, saved memo
 
 import pytest
 import torch
+from test_cgc import make as make_layer  # noqa: E402
+from test_cgc import rel_err
 from torch import nn
 
 from cgclora_lite import CGCConfig, CGCLoRALinear, inject
 from cgclora_lite.cgc import GATHER_ABOVE
 from cgclora_lite.fused import FusedCGCLoRA
-
-from test_cgc import make as make_layer, rel_err  # noqa: E402
 
 TASKS = ["a", "b", "c", "d", "e"]
 IDS = torch.tensor([4, 0, 2, 2, 1, 3])  # a mixed-task batch of 6

@@ -9,7 +9,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import TrainingArguments
 
 from cgclora_lite import CGCConfig, inject
-from cgclora_lite.data import Collator, Example, MultiTaskDataset, Task
+from cgclora_lite.data import Collator, MultiTaskDataset
+from cgclora_lite.tasks import Example, Task
 from cgclora_lite.hf import make_trainer, to_hf_dataset
 from cgclora_lite.models import load_tokenizer, tiny_model
 from cgclora_lite.train import answer_loss

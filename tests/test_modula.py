@@ -2,13 +2,18 @@
 
 import pytest
 import torch
-from conftest import randomize
 
 from cgclora_lite import MergeError
-from cgclora_lite.tasks import group_by_cluster, load_default_tasks
 from cgclora_lite.models import load_tokenizer, tiny_model
-from cgclora_lite.modula import (MoDULAConfig, MoDULALinear, inject_modula, load_modula, stage_steps,
-                                 train_modula)
+from cgclora_lite.modula import (
+    MoDULAConfig,
+    MoDULALinear,
+    inject_modula,
+    load_modula,
+    stage_steps,
+    train_modula,
+)
+from cgclora_lite.tasks import group_by_cluster, load_default_tasks
 from cgclora_lite.train import TrainConfig
 
 DOMAINS = {"classify": ["topic", "sentiment"], "generate": ["headline", "trivia"]}

@@ -6,8 +6,8 @@ from torch.utils.data import DataLoader
 
 from cgclora_lite import CGCConfig, inject
 from cgclora_lite.data import Collator, MultiTaskDataset, TaskBalancedSampler
-from cgclora_lite.tasks import load_default_tasks
 from cgclora_lite.evaluate import first_word, generate_answers
+from cgclora_lite.tasks import load_default_tasks
 from cgclora_lite.train import TrainConfig, evaluate_loss, train
 
 pytestmark = pytest.mark.slow

@@ -102,3 +102,14 @@ def test_empty_data_is_a_clear_error(tiny):
     adapters = inject(tiny, CGCConfig.lora(rank=2), TASKS)
     with pytest.raises(ValueError, match="training data is empty"):
         train(adapters, [], TrainConfig(steps=1), progress=False)
+
+
+def test_proportional_steps_uses_largest_remainders_and_gives_every_part_a_step():
+    from cgclora_lite.train import proportional_steps
+
+    assert proportional_steps(10, {"a": 1, "b": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}  # tie: first
+    assert proportional_steps(10, {"a": 0.26, "b": 0.74}) == {"a": 3, "b": 7}  # 2.6, 7.4: a's .6 wins
+    assert proportional_steps(3, {"a": 100, "b": 1, "c": 1}) == {"a": 1, "b": 1, "c": 1}  # the minimum
+    assert sum(proportional_steps(97, {"a": 3, "b": 5, "c": 7}).values()) == 97
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        proportional_steps(2, {"a": 1, "b": 1, "c": 1})

@@ -13,6 +13,7 @@ from matplotlib._pylab_helpers import Gcf
 from cgclora_lite import CGCConfig, GateWeights, attached_adapters, inject, viz, widgets
 from cgclora_lite.experiment import method_config
 from cgclora_lite.framework import OnePlusN
+from cgclora_lite.inject import count_parameters
 from cgclora_lite.models import tiny_model
 from cgclora_lite.train import TrainConfig
 
@@ -54,7 +55,7 @@ def classify_tasks():
 def test_count_parameters_equals_a_real_injection(name, n_tasks):
     config = CONFIGS[name]
     model = tiny_model(seed=0, vocab_size=128)
-    counts = viz.count_parameters(model, config, n_tasks)  # from shapes: nothing is built
+    counts = count_parameters(model, config, n_tasks)  # from shapes: nothing is built
     assert attached_adapters(model) is None
     adapters = inject(model, config, [f"t{i}" for i in range(n_tasks)])
     assert counts["trainable"] == adapters.num_trainable()
@@ -73,16 +74,16 @@ def test_count_parameters_equals_a_real_injection(name, n_tasks):
 
 def test_count_parameters_takes_shapes_and_refuses_nonsense():
     config = CGCConfig(n_common=1, n_specific=1, rank_common=2, rank_specific=3, gate="none")
-    by_list = viz.count_parameters([(10, 20), (5, 20)], config, n_tasks=2)
+    by_list = count_parameters([(10, 20), (5, 20)], config, n_tasks=2)
     # common: 2 * (30 + 25); specific: 2 tasks * 3 * (30 + 25)
     assert by_list["common"] == 110 and by_list["specific"] == 330 and by_list["trainable"] == 440
-    assert viz.count_parameters({"a": (10, 20), "b": (5, 20)}, config, 2) == by_list
+    assert count_parameters({"a": (10, 20), "b": (5, 20)}, config, 2) == by_list
     with pytest.raises(ValueError, match="n_tasks"):
-        viz.count_parameters([(10, 20)], config, 0)
+        count_parameters([(10, 20)], config, 0)
     model = tiny_model(seed=0, vocab_size=128)
     inject(model, config, ["a", "b"])
     with pytest.raises(ValueError, match="detach"):
-        viz.count_parameters(model, config, 2)
+        count_parameters(model, config, 2)
 
 
 def _gates() -> GateWeights:
@@ -181,7 +182,7 @@ def test_panel_slider_updates_the_count_to_a_real_injection_count(tokenizer, cla
         slider.value = value
         config = CGCConfig(n_common=panel.common_slider.value, n_specific=panel.specific_slider.value,
                            rank_common=panel.rank_slider.value, rank_specific=panel.rank_slider.value)
-        expected = viz.count_parameters(tiny_model(seed=0), config, 2)
+        expected = count_parameters(tiny_model(seed=0), config, 2)
         real = inject(tiny_model(seed=0), config, ["topic", "sentiment"]).num_trainable()
         assert panel.counts == expected and expected["trainable"] == real
         assert panel.count_label.value != before
