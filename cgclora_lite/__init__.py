@@ -16,10 +16,12 @@ fine-tuning: a real model on real tasks
     ``provenance``  what produced a result: versions, git commit, machine
     ``models``      the embedded SmolLM2-135M-Instruct, any causal LM, the tiny test model
     ``tasks``       ``Task``, the default offline tasks, CSV/JSON/hub loaders
+    ``taskfile``    your own tasks and clusters in a YAML/JSON task file, every problem reported
     ``data``        chat-template encoding with answer-only labels, collator, balanced sampling
     ``distributed`` process-group helpers and gradient synchronisation (nothing in one process)
     ``train``       the answer-only loss and the training loop
     ``evaluate``    batched greedy generation and the metrics
+    ``stats``       bootstrap confidence intervals of scores and paired differences
     ``hf``          ``transformers.Trainer`` with task ids as a column
     ``launch``      the ``torchrun`` entry point
 1+N: the framework and its experiment
@@ -27,6 +29,8 @@ fine-tuning: a real model on real tasks
     ``modula``      MoDULA-Flan / MoDULA-Res, a sibling adapter set with a token router
     ``framework``   ``OnePlusN``: the central model and its N clusters
     ``experiment``  the methods, the budget rule, the presets, training and scoring, the seesaw table
+    ``study``       seeds, ablations, budget and capacity curves, a positive control; its report
+    ``workflow``    your own tasks end to end: train a framework from a task file, evaluate, predict
 tools
     ``viz``         seaborn figures as pure functions
     ``widgets``     ipywidgets panels for the notebooks
@@ -44,9 +48,9 @@ from .routing import TaskRouter, TaskRoutingError
 
 LAYERS = {
     "core": ["_version", "routing", "lora", "fused", "checkpoint", "cgc", "adapters", "inject", "export"],
-    "fine-tuning": ["provenance", "models", "tasks", "data", "distributed", "train", "evaluate", "hf",
+    "fine-tuning": ["provenance", "models", "tasks", "taskfile", "data", "distributed", "train", "evaluate", "stats", "hf",
                     "launch"],
-    "1+N": ["affinity", "modula", "framework", "experiment"],
+    "1+N": ["affinity", "modula", "framework", "experiment", "workflow"],
     "tools": ["viz", "widgets", "bench", "cli", "__main__"],
 }
 """The package's modules in layer order: each may import only modules listed before it."""

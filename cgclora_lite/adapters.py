@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .lora import AdaptedLinear, TargetSpec
+from .lora import SUPPORTED_LAYERS, AdaptedLinear, TargetSpec, is_adaptable
 from .routing import TaskIds, TaskRouter
 
 _ATTACHED = "_cgclora_adapters"  # attribute on the model holding the attached adapter set
@@ -57,22 +57,24 @@ def matches(name: str, spec: TargetSpec | None) -> bool:
 
 
 def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules=None) -> list[str]:
-    """Names of the modules to adapt, in model order. Raises if none match or one is not Linear.
+    """Names of the modules to adapt, in model order. Raises if none match or one is not linear.
 
-    ``"all-linear"`` takes every ``nn.Linear`` except the output head (``get_output_embeddings``).
+    ``"all-linear"`` takes every linear layer (``nn.Linear``, or transformers' ``Conv1D`` in
+    GPT-2-style models) except the output head (``get_output_embeddings``).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    linear = [n for n, m in model.named_modules() if is_adaptable(m) and m is not head]
     if target_modules == "all-linear":
         names = list(linear)
     else:
         names = [n for n, _ in model.named_modules() if n and matches(n, target_modules)]
-        not_linear = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
+        not_linear = [n for n in names if not is_adaptable(model.get_submodule(n))]
         if not_linear:
-            kind = type(model.get_submodule(not_linear[0])).__name__
+            kind = type(model.get_submodule(not_linear[0]))
             raise TypeError(
-                f"target_modules={target_modules!r} matches {not_linear[0]!r}, a {kind}; only "
-                "nn.Linear layers can be adapted. Narrow the spec (e.g. list the projection names)."
+                f"target_modules={target_modules!r} matches {not_linear[0]!r}, a "
+                f"{kind.__module__}.{kind.__name__}; only {SUPPORTED_LAYERS} layers can be "
+                "adapted. Narrow the spec (e.g. list the projection names)."
             )
     names = [n for n in names if not matches(n, exclude_modules)]
     if not names:
@@ -80,6 +82,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules=N
         raise ValueError(
             f"no module matches target_modules={target_modules!r} (exclude={exclude_modules!r}). "
             f"Linear layer names in this model end with: {sample}"
+            + ("" if linear else f" (none: this model has no {SUPPORTED_LAYERS} layer)")
         )
     return names
 
@@ -298,6 +301,11 @@ class AdapterSet:
         """The adapter parameters that train, or all of them with ``trainable_only=False`` (they
         differ when some are frozen, e.g. after adding a task or in a training stage)."""
         return [p for _, p in self.named_parameters() if p.requires_grad or not trainable_only]
+
+    def optimizer_groups(self) -> list[dict]:
+        """The trainable parameters as optimizer groups, each with an ``lr_scale`` (the run's
+        learning rate times it); one group at 1 here, kinds with a gate or router override it."""
+        return [{"params": self.parameters(), "lr_scale": 1.0}]
 
     def num_trainable(self) -> int:
         """Parameters that train now."""

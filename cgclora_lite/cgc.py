@@ -70,6 +70,7 @@ from .lora import AdaptedLinear, TargetSpec, adapter_dtype, init_lora_A
 from .routing import TaskIds, TaskRouter, TaskRoutingError
 
 Ranks = Union[int, Sequence[int]]
+GATE_NORMS = ("softmax", "scaled")
 GATHER_ABOVE = 2
 """A layer uses the gathered form when its total rank R exceeds this many times ``r_active``.
 Measured on one CPU core (d=576, 8 x 64 tokens, r_active 16, training steps): at R = 1.5 x r_active
@@ -103,6 +104,13 @@ class CGCConfig(JSONConfig):
             can choose its own mix of experts, which the gate explorer makes visible) or
             ``"shared"`` (one gate function for all layers, as the MOELoRA paper describes it).
         task_embedding_dim: D, the size of the learned task embedding ``e_t``.
+        gate_norm: how the gate's logits become weights over the K = K_c + K_s experts a task may
+            use: ``"softmax"`` (the paper and MOELoRA: weights sum to 1, each 1/K at the start) or
+            ``"scaled"`` (K times that softmax: weights sum to K, each 1 at the start, so a fresh
+            layer is exactly the ungated sum, i.e. a plain LoRA of rank r_active at scale s).
+        gate_lr_scale: the gate parameters' learning rate is the run's times this (a gate has few
+            parameters and starts at zero: at the adapters' rate its logits barely move in a
+            short budget). Used by ``train`` through ``CGCAdapters.optimizer_groups``.
         init: how ``A`` starts: ``"kaiming"`` (like nn.Linear) or ``"gaussian"``. B starts at 0.
         adapter_dtype: ``"float32"`` (fp32 master weights whatever the base dtype), ``"bfloat16"``,
             ``"float16"`` or ``"base"`` (the base weight's dtype).
@@ -121,6 +129,8 @@ class CGCConfig(JSONConfig):
     gate: str = "task"
     gate_scope: str = "layer"
     task_embedding_dim: int = 64
+    gate_norm: str = "softmax"
+    gate_lr_scale: float = 1.0
     init: str = "kaiming"
     adapter_dtype: str = "float32"
     target_modules: TargetSpec = "all-linear"
@@ -141,6 +151,10 @@ class CGCConfig(JSONConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.task_embedding_dim < 1:
             raise ValueError("task_embedding_dim must be >= 1")
+        if self.gate_norm not in GATE_NORMS:
+            raise ValueError(f"gate_norm must be one of {GATE_NORMS}, got {self.gate_norm!r}")
+        if not self.gate_lr_scale > 0:
+            raise ValueError(f"gate_lr_scale must be > 0, got {self.gate_lr_scale}")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
@@ -199,12 +213,18 @@ class CGCConfig(JSONConfig):
 class TaskGate(nn.Module):
     """The task-motivated gate: ``w_t = softmax(G e_t)`` for every task t at once.
 
-    ``task_embedding``: (T, D), normal init. ``proj`` = G: (K_c + K_s, D), zero init, so every task
-    starts with uniform weights over the experts it may use. ``forward()`` -> (T, K_c + K_s).
+    ``task_embedding``: (T, D), normal init. ``proj`` = G: (K, D), K = K_c + K_s, zero init, so
+    every task starts with uniform weights over the experts it may use. ``forward()`` -> (T, K).
+    With ``norm="scaled"`` the weights are ``K * softmax(G e_t)``: 1 each at the start, so the
+    layer starts as the ungated sum of its experts (``CGCConfig.gate_norm``).
     """
 
-    def __init__(self, n_tasks: int, n_experts: int, dim: int = 64, device=None, dtype=None):
+    def __init__(self, n_tasks: int, n_experts: int, dim: int = 64, device=None, dtype=None,
+                 norm: str = "softmax"):
         super().__init__()
+        if norm not in GATE_NORMS:
+            raise ValueError(f"norm must be one of {GATE_NORMS}, got {norm!r}")
+        self.norm = norm
         self.task_embedding = nn.Embedding(n_tasks, dim, device=device, dtype=dtype)  # (T, D)
         self.proj = nn.Linear(dim, n_experts, bias=False, device=device, dtype=dtype)  # G
         nn.init.zeros_(self.proj.weight)
@@ -229,7 +249,8 @@ class TaskGate(nn.Module):
         logits = self.proj(self.task_embedding.weight)  # (T, K_c + K_s)
         if len(self.added):
             logits = torch.cat([logits] + [self.proj(e) for e in self.added])  # (T + added, K)
-        return logits.float().softmax(dim=-1)
+        weights = logits.float().softmax(dim=-1)  # (T, K), rows sum to 1
+        return weights * weights.shape[-1] if self.norm == "scaled" else weights
 
 
 def expert_names(config: CGCConfig, tasks: Sequence[str]) -> list[str]:
@@ -288,7 +309,7 @@ class CGCLoRALinear(AdaptedLinear):
 
         self.gate: TaskGate | None = None  # registered only when this layer owns its gate
         if config.gate == "task" and gate is None:
-            self.gate = TaskGate(n_tasks, n_visible, config.task_embedding_dim, **kw)
+            self.gate = TaskGate(n_tasks, n_visible, config.task_embedding_dim, **kw, norm=config.gate_norm)
         elif gate is not None:
             if config.gate != "task":
                 raise ValueError("a shared gate was given but config.gate is 'none'")
@@ -339,7 +360,8 @@ class CGCLoRALinear(AdaptedLinear):
         return expert_names(self.config, self.tasks)
 
     def visible_weights(self) -> torch.Tensor:
-        """Gate weights over the experts each task may use: (T, K_c + K_s), rows sum to 1.
+        """Gate weights over the experts each task may use: (T, K_c + K_s), rows sum to 1
+        (to K_c + K_s with ``gate_norm="scaled"``).
 
         Without a gate every allowed expert has weight 1.
         """
@@ -353,6 +375,22 @@ class CGCLoRALinear(AdaptedLinear):
         w = self.visible_weights()  # (T, K_c + K_s)
         full = w.new_zeros(w.shape[0], len(self.expert_slices))  # (T, E)
         return full.scatter(1, self.visible_experts, w)
+
+    @torch.no_grad()
+    def expert_contributions(self) -> torch.Tensor:
+        """How much each expert adds to each task's update: ``|s w_{t,e}| * ||B_e A_e||_F``, (T, E),
+        fp32, 0 where task t may not use expert e.
+
+        Gate weights alone cannot say which experts a task relies on (doubling ``w`` or doubling
+        ``B`` is the same function); this can. ``||B A||_F^2 = trace((B^T B)(A A^T))``, computed
+        on (r, r) matrices, never the (d_out, d_in) product.
+        """
+        A, B = self.factors()  # (R_all, d_in), (d_out, R_all)
+        norms = torch.stack([
+            ((B[:, sl].float().T @ B[:, sl].float()) * (A[sl].float() @ A[sl].float().T)).sum()
+            for sl in self.expert_slices
+        ]).clamp_min(0).sqrt()  # (E,)
+        return self.scaling * self.expert_weights().abs() * norms  # (T, E)
 
     def rank_coefficients(self) -> torch.Tensor:
         """``c[t, col] = s * w_{t, expert(col)}``: the gate moved to rank space, (T, R), fp32."""
@@ -425,7 +463,7 @@ class CGCLoRALinear(AdaptedLinear):
         mask = torch.rand(x3.shape, device=x3.device) >= p if p > 0 else None  # (B, L, d_in) bool
         bias = None if self.base.bias is None else self.base.bias.to(dtype)
         out = FusedCGCLoRA.apply(
-            x3, self.base.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
+            x3, self.base_weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype),
             coef.to(dtype), cols, mask, p,
         )  # (B, L, d_out)
         if added:  # tasks added later: one small LoRA product per task, zero for other samples

@@ -29,6 +29,7 @@ import torch
 
 from .adapters import attached_adapters
 from .data import Collator, encode_prompt
+from .models import autocast_dtype
 from .tasks import Example, Task
 
 # Room for the answer, by metric: labels are a word or two; headlines and trivia answers short.
@@ -86,26 +87,36 @@ def token_f1(answer: str, target: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def rouge_l(answers: Sequence[str], targets: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure (``rouge-score``, Porter stemmer)."""
+def rouge_l_each(answers: Sequence[str], targets: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure of every answer against its target (``rouge-score``, Porter stemmer)."""
     from rouge_score import rouge_scorer
 
     _check_lengths(answers, targets)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return sum(scorer.score(t, a)["rougeL"].fmeasure for a, t in zip(answers, targets)) / len(targets)
+    return [scorer.score(t, a)["rougeL"].fmeasure for a, t in zip(answers, targets)]
+
+
+def rouge_l(answers: Sequence[str], targets: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure (``rouge-score``, Porter stemmer)."""
+    return sum(rouge_l_each(answers, targets)) / len(targets)
 
 
 def score_task(task: Task, answers: Sequence[str], targets: Sequence[str]) -> dict:
-    """The metrics of ``task``'s kind for these answers, plus ``score`` (the headline metric)."""
+    """The metrics of ``task``'s kind for these answers, plus ``score`` (the headline metric) and
+    ``per_example``: the headline metric of every answer, whose mean is ``score`` (what the
+    bootstrap intervals of ``stats`` resample)."""
     _check_lengths(answers, targets)
     if task.metric == "accuracy":
         scores = label_scores(answers, targets, task.labels)
+        each = [float(parse_label(a, task.labels) == t) for a, t in zip(answers, targets)]
     elif task.metric == "rouge_l":
-        scores = {"rouge_l": rouge_l(answers, targets)}
+        each = rouge_l_each(answers, targets)
+        scores = {"rouge_l": sum(each) / len(each)}
     else:
-        scores = {"exact_match": sum(map(exact_match, answers, targets)) / len(targets),
+        each = list(map(exact_match, answers, targets))
+        scores = {"exact_match": sum(each) / len(each),
                   "token_f1": sum(map(token_f1, answers, targets)) / len(targets)}
-    return {"score": scores[task.metric], **scores}
+    return {"score": scores[task.metric], **scores, "per_example": each}
 
 
 def _check_lengths(answers, targets) -> None:
@@ -123,14 +134,16 @@ def generate_answers(
     batch_size: int = 16,
     max_new_tokens: int = 8,
     max_prompt_length: int | None = None,
+    amp: bool | str = "auto",
 ) -> list[str]:
     """Greedy answers for ``requests`` = (task id, example) pairs, in order.
 
     ``tasks[task_id]`` gives each request's task; the task ids are routed to the attached adapters
-    (if any), so one batch may mix tasks.
+    (if any), so one batch may mix tasks. ``amp``: bf16 autocast (``models.autocast_dtype``).
     """
     collate = Collator(tokenizer.pad_token_id, padding_side="left")
     device = next(model.parameters()).device
+    dtype = autocast_dtype(device, amp)
     routed = attached_adapters(model) is not None
     answers = []
     for start in range(0, len(requests), batch_size):
@@ -139,12 +152,13 @@ def generate_answers(
                  for t, ex in chunk]
         batch = collate(items)
         extra = {"task_ids": batch["task_ids"]} if routed else {}
-        out = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            **extra,
-        )  # (B, prompt + new)
+        with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **extra,
+            )  # (B, prompt + new)
         new = out[:, batch["input_ids"].shape[1]:]  # (B, new)
         answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     return [a.strip() for a in answers]
@@ -159,10 +173,12 @@ def evaluate_tasks(
     batch_size: int = 16,
     max_prompt_length: int | None = None,
     only: Sequence[str] | None = None,
+    amp: bool | str = "auto",
 ) -> dict[str, dict]:
     """Generate and score the tasks of ``tasks`` (routed with task id = position in ``tasks``).
 
-    Returns ``{task name: {"score": ..., <metrics>..., "n": examples, "answers": [...]}}``.
+    Returns ``{task name: {"score": ..., <metrics>..., "per_example": [...], "n": examples,
+    "answers": [...]}}``.
     Tasks are generated one at a time (each with its own answer length); ``limit`` caps the
     examples per task; ``only`` names the tasks to evaluate (default: all).
     """
@@ -174,7 +190,7 @@ def evaluate_tasks(
         if not examples:
             raise ValueError(f"task {task.name!r} has no {split} examples to evaluate")
         answers = generate_answers(model, tokenizer, tasks, [(task_id, ex) for ex in examples],
-                                   batch_size, MAX_NEW_TOKENS[task.metric], max_prompt_length)
+                                   batch_size, MAX_NEW_TOKENS[task.metric], max_prompt_length, amp)
         results[task.name] = {**score_task(task, answers, [ex.target for ex in examples]),
                               "n": len(examples), "answers": answers}
     return results

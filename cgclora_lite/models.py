@@ -128,6 +128,41 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
+def autocast_dtype(device: torch.device | str, amp: bool | str = "auto") -> torch.dtype | None:
+    """The dtype to autocast to on ``device`` (bf16), or None for full precision.
+
+    ``amp``: ``True`` (bf16), ``False`` (none) or ``"auto"``: bf16 on CUDA GPUs with native bf16
+    (Ampere and later) and on CPUs with native bf16 instructions (AVX512-BF16 or AMX), none
+    elsewhere: without them oneDNN emulates bf16 with fp32 AVX-512 and is no faster. Adapters keep
+    fp32 master weights either way. On a 2-core AMD EPYC with AVX512-BF16 (2026-12-01), bf16
+    autocast took a CGC-LoRA training step of the embedded model (8 x 80 tokens, all-linear)
+    from 2.33-2.65 s to 1.19-1.35 s, and greedy generation of 32 prompts x 16 tokens from
+    5.0-5.2 s to 2.4-2.5 s.
+    """
+    if amp not in (True, False, "auto"):
+        raise ValueError(f"amp must be True, False or 'auto', got {amp!r}")
+    if amp != "auto":
+        return torch.bfloat16 if amp else None
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX tiles)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is not None for check in checks):
+        return any(check() for check in checks)
+    try:  # an older torch: read the flags the kernel reports
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,

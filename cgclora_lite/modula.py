@@ -46,10 +46,11 @@ from typing import Sequence
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .adapters import AdapterSet
 from .checkpoint import CheckpointError, JSONConfig
-from .data import MultiTaskDataset, task_balanced_loader
+from .data import Collator, MultiTaskDataset, task_balanced_loader
 from .lora import AdaptedLinear, MergeError, TargetSpec, adapter_dtype, init_lora_A
 from .tasks import Task
 from .train import TrainConfig, proportional_steps, train
@@ -353,6 +354,10 @@ def train_modula(adapters: MoDULAAdapters, tasks: Sequence[Task], tokenizer, con
     steps = stage_steps(config.steps, adapters.config, domains, only)
     stages = ["universal", *adapters.domains, "router"] if only is None else [*only, "router"]
     data = MultiTaskDataset(ordered, tokenizer, "train", max_length)
+    validation = None  # per-task validation loss during every stage, as the other methods record
+    if config.eval_every and all(t.validation for t in ordered):
+        val_data = MultiTaskDataset(ordered, tokenizer, "validation", max_length)
+        validation = list(DataLoader(val_data, batch_size=batch_size, collate_fn=Collator(tokenizer.pad_token_id)))
     histories = {}
     for stage in stages:
         members = adapters.domains[stage] if stage in adapters.domains else None
@@ -361,7 +366,7 @@ def train_modula(adapters: MoDULAAdapters, tasks: Sequence[Task], tokenizer, con
         adapters.set_stage(stage)
         lr = config.lr * (adapters.config.router_lr_scale if stage == "router" else 1.0)
         histories[stage] = train(adapters, loader, dataclasses.replace(config, steps=steps[stage], lr=lr),
-                                 progress=progress)
+                                 validation, progress=progress)
         if on_stage is not None:
             on_stage(stage, adapters)
     adapters.set_stage("router")

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .distributed import GradientSync, all_reduce_sum
 from .adapters import AdapterSet
+from .distributed import GradientSync, all_reduce_sum
+from .models import autocast_dtype
 
 
 @dataclass
@@ -38,7 +39,10 @@ class TrainConfig:
     ``steps`` optimizer steps, each on ``grad_accum`` batches; learning rate ``lr`` reached after
     ``warmup`` (a fraction of ``steps``) then decayed by ``schedule`` ("cosine", "linear" or
     "constant") towards 0; gradients clipped to ``max_grad_norm`` (0: no clipping); validation
-    loss every ``eval_every`` steps (0: never); ``amp``: bf16 autocast (default: on CUDA only).
+    loss every ``eval_every`` steps (0: never), overall and per task; ``amp``: bf16 autocast,
+    ``"auto"`` (the default) where the device has native bf16 (``models.autocast_dtype``).
+    The adapters' optimizer groups (``AdapterSet.optimizer_groups``) scale the learning rate,
+    e.g. a CGC-LoRA gate's ``gate_lr_scale``.
     """
 
     steps: int = 100
@@ -50,13 +54,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0
     seed: int = 0
-    amp: bool | None = None
+    amp: bool | str = "auto"
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError("steps and grad_accum must be >= 1")
+        autocast_dtype("cpu", self.amp)  # checks the value
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
@@ -134,29 +139,57 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
-def evaluate_loss(adapters: AdapterSet, batches: Iterable[dict], amp: bool = False) -> float:
-    """Mean answer loss over ``batches`` (each batch weighted by its answer tokens).
+def answer_token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of every answer token, (N,) fp32, and the batch row of each, (N,).
 
-    Under ``torchrun`` it is a collective: call it on every rank; each returns the mean over the
-    answer tokens of all ranks' batches.
+    Like ``answer_loss`` (whose mean this is, up to float rounding), but per token, so losses can
+    be summed per task.
+    """
+    targets = batch["labels"][:, 1:]  # (B, L-1)
+    mask = targets != -100  # (B, L-1)
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    if isinstance(head, torch.nn.Linear) and decoder is not model:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][mask])  # (N, V)
+    else:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+    losses = F.cross_entropy(logits.float(), targets[mask], reduction="none")  # (N,)
+    return losses, mask.nonzero()[:, 0]
+
+
+@torch.no_grad()
+def evaluate_loss(adapters: AdapterSet, batches: Iterable[dict], amp: bool | str = False,
+                  by_task: bool = False) -> float | tuple[float, dict[str, float]]:
+    """Mean answer loss over ``batches``, every answer token weighing the same (teacher-forced).
+
+    With ``by_task``, also ``{task name: mean loss over that task's answer tokens}`` (the tasks
+    named by the batches' ``task_ids`` in ``adapters.tasks``). Under ``torchrun`` it is a
+    collective: call it on every rank; each returns the means over all ranks' batches.
     """
     model = adapters.model
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     device = next(model.parameters()).device
+    dtype = autocast_dtype(device, amp)
+    n_tasks = len(adapters.tasks)
+    sums, counts = [0.0] * n_tasks, [0] * n_tasks  # per task id
     for batch in batches:
         batch = _to(batch, device)
-        n = answer_tokens(batch)
-        if n == 0:
+        if answer_tokens(batch) == 0:
             continue
-        with adapters.route(batch["task_ids"]), torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            total += answer_loss(model, batch).item() * n
-        count += n
+        with adapters.route(batch["task_ids"]), \
+                torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
+            losses, rows = answer_token_losses(model, batch)  # (N,), (N,)
+        task_of_token = batch["task_ids"][rows]  # (N,)
+        sums = [s + float(losses[task_of_token == t].sum()) for t, s in enumerate(sums)]
+        counts = [c + int((task_of_token == t).sum()) for t, c in enumerate(counts)]
     model.train(was_training)
-    total, count = all_reduce_sum([total, count], device)  # under torchrun: over all ranks' batches
-    return total / max(count, 1)
+    totals = all_reduce_sum(sums + counts, device)  # under torchrun: over all ranks' batches
+    sums, counts = totals[:n_tasks], totals[n_tasks:]
+    mean = sum(sums) / max(sum(counts), 1)
+    if not by_task:
+        return mean
+    return mean, {task: s / c for task, s, c in zip(adapters.tasks, sums, counts) if c}
 
 
 def train(
@@ -171,7 +204,7 @@ def train(
     ``batches`` yields dicts with ``input_ids``, ``attention_mask``, ``labels`` and ``task_ids``
     (see ``data.Collator``); it is cycled if it runs out. Each history entry has ``step``,
     ``loss`` (mean over the accumulated batches), ``lr``, ``grad_norm``, ``seconds`` since the
-    start, and ``val_loss`` on validation steps.
+    start, and on validation steps ``val_loss`` and ``val_loss_by_task`` ({task: loss}).
 
     Under ``torchrun`` (a process group of W > 1 ranks), ``batches`` are this rank's shards of
     the global batches and the W calls train as one (``distributed.py``): same weights on every
@@ -179,12 +212,13 @@ def train(
     """
     model = adapters.model
     device = next(model.parameters()).device
-    amp = config.amp if config.amp is not None else device.type == "cuda"
-    params = adapters.parameters()
+    dtype = autocast_dtype(device, config.amp)  # bf16 or None
+    groups = adapters.optimizer_groups()  # [{"params": [...], "lr_scale": ...}]
+    params = [p for group in groups for p in group["params"]]
     sync = GradientSync(params, device)  # one process: does nothing
     torch.manual_seed(config.seed + sync.rank)  # ranks draw different dropout masks
     sync.broadcast_()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     stream = batches if hasattr(batches, "__next__") else _forever(batches)
     history, start = [], time.perf_counter()
     model.train()
@@ -192,7 +226,7 @@ def train(
     for step in bar:
         lr = config.lr * lr_factor(step, config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         loss_sum = 0.0
         for _ in range(config.grad_accum):
             batch = _to(next(stream), device)
@@ -200,7 +234,7 @@ def train(
             if weight is None:  # no answer token in this rank's shard: it adds zero gradient
                 continue
             with adapters.route(batch["task_ids"]):  # backward inside: checkpointing re-runs forwards
-                with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
                     loss = answer_loss(model, batch) * weight
                 (loss / config.grad_accum).backward()
             loss_sum += loss.item()
@@ -211,7 +245,8 @@ def train(
         record = {"step": step + 1, "loss": loss_sum / config.grad_accum, "lr": lr,
                   "grad_norm": float(norm), "seconds": time.perf_counter() - start}
         if validation is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-            record["val_loss"] = evaluate_loss(adapters, validation, amp)
+            record["val_loss"], record["val_loss_by_task"] = evaluate_loss(
+                adapters, validation, config.amp, by_task=True)
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
     model.eval()

@@ -58,9 +58,12 @@ def training_curves(history: pd.DataFrame, smooth: int = 5,
 
 def gate_heatmap(gates: GateWeights, layer: str | int | None = None,
                  title: str | None = None) -> plt.Figure:
-    """Task x expert heatmap of gate weights: the mean over layers, or one layer (name or index).
+    """Task x expert heatmap of gate weights (or contribution shares): the mean over layers, or
+    one layer (name or index).
 
-    A blank cell is an expert the task may not use (another task's specific expert).
+    A blank cell is an expert the task may not use (another task's specific expert). The colour
+    range is fixed, 0 to what a task's row sums to (``gates.total``), so small differences are
+    not painted as large ones.
     """
     if layer is None:
         weights, where = gates.weights.mean(0), f"mean over {len(gates.layers)} layers"
@@ -70,9 +73,9 @@ def gate_heatmap(gates: GateWeights, layer: str | int | None = None,
     frame = pd.DataFrame(weights.numpy(), index=gates.tasks, columns=gates.experts)
     usable = gates.weights.sum(0).numpy() > 0  # (task, expert): ever nonzero in some layer
     fig, ax = plt.subplots(figsize=(2.0 + 0.8 * len(gates.experts), 1.8 + 0.45 * len(gates.tasks)))
-    sns.heatmap(frame, mask=~usable, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis",
-                cbar_kws={"label": "gate weight"}, ax=ax)
-    ax.set(xlabel="expert", ylabel="task", title=title or f"Gate weights ({where})")
+    sns.heatmap(frame, mask=~usable, annot=True, fmt=".2f", vmin=0, vmax=gates.total, cmap="viridis",
+                cbar_kws={"label": gates.value}, ax=ax)
+    ax.set(xlabel="expert", ylabel="task", title=title or f"{gates.value.capitalize()}s ({where})")
     ax.grid(False)  # a whitegrid style would draw lines over the blank cells
     ax.tick_params(axis="x", rotation=35)
     ax.tick_params(axis="y", rotation=0)
@@ -105,9 +108,10 @@ def layer_gate_heatmap(gates: GateWeights, task: str | int, module: str | None =
     """Layer x expert heatmap of one task's gate weights, over the experts that task may use.
 
     Rows: every adapted layer, or only those whose name ends with ``module`` (``"q_proj"``).
-    Colour: the weight against the uniform mix ``1/K`` (K = experts the task may use), white at
-    uniform, so that small moves of a short training run show; the cells print the weights.
-    Each row sums to 1 (a softmax); the experts of other tasks are left out (their weight is 0).
+    Colour: the weight against the uniform mix ``total/K`` (K = experts the task may use), white
+    at uniform, on a fixed range from 0 to twice uniform, so noise is not painted as signal; the
+    cells print the weights. Each row sums to ``gates.total`` (1 for a softmax gate or shares, K
+    for a scaled gate); the experts of other tasks are left out (their weight is 0).
     Above ``MAX_ANNOTATED_ROWS`` rows (all 210 projections of SmolLM2), rows are thin and unnumbered.
     """
     t = gates.tasks.index(task) if isinstance(task, str) else int(task)
@@ -122,17 +126,15 @@ def layer_gate_heatmap(gates: GateWeights, task: str | int, module: str | None =
     experts = [e for e, ok in zip(gates.experts, usable.tolist()) if ok]
     labels = [short_layer_name(gates.layers[i], with_module=module is None) for i in rows]
     frame = pd.DataFrame(weights.numpy(), index=labels, columns=experts)
-    uniform = 1 / len(experts)
-    spread = max(float((weights - uniform).abs().max()), 0.02)
+    uniform = gates.total / len(experts)
     few = len(rows) <= MAX_ANNOTATED_ROWS  # many rows: thinner, no numbers, some row labels
     fig, ax = plt.subplots(figsize=(2.6 + 0.9 * len(experts), 1.5 + (0.24 if few else 0.06) * len(rows)))
     sns.heatmap(frame, annot=few, fmt=".3f", annot_kws={"fontsize": 7}, cmap="vlag",
-                center=uniform, vmin=uniform - spread, vmax=uniform + spread,
-                yticklabels=True if few else "auto",
-                cbar_kws={"label": f"gate weight (white: uniform 1/{len(experts)})"}, ax=ax)
+                center=uniform, vmin=0, vmax=2 * uniform, yticklabels=True if few else "auto",
+                cbar_kws={"label": f"{gates.value} (white: uniform {uniform:.3g})"}, ax=ax)
     which = f"{module} layers" if module else "all adapted layers"
     ax.set(xlabel="expert", ylabel="layer" if module else "layer and module",
-           title=title or f"Gate weights of task {gates.tasks[t]!r} ({which})")
+           title=title or f"{gates.value.capitalize()}s of task {gates.tasks[t]!r} ({which})")
     ax.grid(False)
     ax.tick_params(axis="x", rotation=35)
     ax.tick_params(axis="y", rotation=0, labelsize=7 if len(rows) > 20 else 9)
@@ -187,19 +189,89 @@ def affinity_clustermap(affinity: Affinity, clusters: dict[str, list[str]] | Non
 
 # --- a run folder's figures -------------------------------------------------------------------
 
-def run_figures(results: dict) -> dict[str, plt.Figure]:
-    """The figures of an experiment's run folder, by file name: ``scores.png`` (``score_bars``),
-    ``training_curves.png`` (``training_curves``) and one ``gates_<method>_<cluster>.png``
-    (``gate_heatmap``) per gated cluster. ``results``: ``{method: run_method(...) result}``."""
-    scores = pd.DataFrame([{"method": m, "task": t, "score": s["score"]}
-                           for m, r in results.items() for t, s in r["scores"].items()])
-    figures = {"scores.png": score_bars(scores)}
-    history = pd.DataFrame([{"method": m, "cluster": c, **h} for m, r in results.items()
-                            for c, hs in r.get("history", {}).items() for h in hs])
+def score_intervals(table: pd.DataFrame, tasks: list[str],
+                    title: str = "Test score per task and method, with 95% intervals") -> plt.Figure:
+    """Per-task scores with their bootstrap intervals: ``table`` is ``experiment.seesaw_table``'s
+    (columns ``<task>``, ``<task> low``, ``<task> high`` for every task; methods as rows)."""
+    methods = list(table.index)
+    colors = sns.color_palette("colorblind", len(methods))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(tasks), 4.2))
+    width = 0.8 / len(methods)
+    for m, (method, color) in enumerate(zip(methods, colors)):
+        x = [i - 0.4 + width * (m + 0.5) for i in range(len(tasks))]
+        mean = table.loc[method, tasks].to_numpy(float)
+        low = table.loc[method, [f"{t} low" for t in tasks]].to_numpy(float)
+        high = table.loc[method, [f"{t} high" for t in tasks]].to_numpy(float)
+        ax.bar(x, mean, width, color=color, label=method)
+        ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="none", ecolor="black", capsize=2, lw=0.8)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(ylim=(0, 1), ylabel="score (accuracy / ROUGE-L / exact match)", title=title)
+    ax.legend(title="method", fontsize=8, title_fontsize=9, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    return fig
+
+
+def validation_curves(history: pd.DataFrame,
+                      title: str = "Validation loss per task (teacher-forced answer tokens)") -> plt.Figure:
+    """One panel per task: validation loss against optimizer step, one colour per method (the mean
+    over seeds; a band when there are several). ``history`` has columns ``method``, ``task``,
+    ``step``, ``val_loss`` (and ``seed``). A seesaw shows as a task whose loss stalls or rises under
+    a shared method while its own LoRA keeps going down."""
+    missing = {"method", "task", "step", "val_loss"} - set(history.columns)
+    if missing:
+        raise ValueError(f"history needs columns method, task, step, val_loss; missing {sorted(missing)}")
+    tasks = list(dict.fromkeys(history["task"]))
+    methods = list(dict.fromkeys(history["method"]))
+    palette = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    cols = min(len(tasks), 2)
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False, sharex=True)
+    for ax, task in zip(axes.flat, tasks):
+        sns.lineplot(data=history[history["task"] == task], x="step", y="val_loss", hue="method",
+                     palette=palette, ax=ax, legend=False, errorbar=("pi", 100), marker="o", markersize=3)
+        ax.set(title=task, ylabel="validation loss", xlabel="optimizer step")
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    handles = [plt.Line2D([], [], color=palette[m], marker="o", markersize=4) for m in methods]
+    fig.legend(handles, methods, title="method", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def run_figures(runs: dict[str, list[dict]], table: pd.DataFrame, tasks: list[str]) -> dict[str, plt.Figure]:
+    """The figures of an experiment's run folder, by file name: ``scores.png``
+    (``score_intervals``), ``validation_curves.png`` (``validation_curves``, when validation loss
+    was recorded), and for the first seed of every method one ``gates_<method>_<cluster>.png`` per
+    gated cluster and one ``contributions_<method>_<cluster>.png`` per cluster (``gate_heatmap``).
+    ``runs``: ``{method: [run_method result per seed]}``; ``table``: ``experiment.seesaw_table``."""
+    figures = {"scores.png": score_intervals(table, tasks)}
+    history = validation_history(runs)
     if not history.empty:
-        figures["training_curves.png"] = training_curves(history)
-    for method, result in results.items():
-        for cluster, gates in result.get("gates", {}).items():
-            figures[f"gates_{method}_{cluster}.png".replace("+", "plus")] = gate_heatmap(
-                gates, title=f"{method}, cluster {cluster!r}: gate weights (mean over layers)")
+        figures["validation_curves.png"] = validation_curves(history)
+    for method, results in runs.items():
+        for kind in ("gates", "contributions"):
+            for cluster, gates in results[0].get(kind, {}).items():
+                name = f"{kind}_{method}_{cluster}.png".replace("+", "plus")
+                figures[name] = gate_heatmap(gates, title=f"{method}, cluster {cluster!r}: "
+                                                          f"{gates.value}s (mean over layers)")
     return figures
+
+
+def validation_history(runs: dict[str, list[dict]]) -> pd.DataFrame:
+    """Long table (method, seed, task, step, val_loss) of the per-task validation losses recorded
+    while training. A method's clusters train side by side (every cluster's step s is the
+    method's step s); MoDULA's stages follow each other (their steps are counted on)."""
+    rows = []
+    for method, results in runs.items():
+        for result in results:
+            histories = result.get("history", {})
+            staged = method.startswith("modula")
+            offset = 0
+            for log in histories.values():
+                for record in log:
+                    for task, loss in record.get("val_loss_by_task", {}).items():
+                        rows.append({"method": method, "seed": result.get("seed", 0), "task": task,
+                                     "step": record["step"] + offset, "val_loss": loss})
+                offset += len(log) if staged else 0
+    return pd.DataFrame(rows)

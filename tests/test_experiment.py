@@ -13,8 +13,8 @@ from cgclora_lite.experiment import (
     method_clusters,
     method_config,
     modula_config,
+    cluster_batches,
     seesaw_table,
-    split_steps,
 )
 from cgclora_lite.tasks import Task
 
@@ -33,48 +33,69 @@ def test_every_method_has_the_same_active_rank_and_scale():
         modula_config("modula-res", n_domains=3)
 
 
-def test_clusters_and_step_split():
+def test_clusters_and_the_examples_per_task_budget():
     tasks = [Task(n, c, "{input}", "accuracy") for n, c in
              [("a", "x"), ("b", "x"), ("c", "y"), ("d", "z"), ("e", "z")]]
     assert list(method_clusters("cgc-1+n", tasks)) == ["x", "y", "z"]
     assert list(method_clusters("moelora", tasks)) == ["all"]
-    shares = split_steps(48, method_clusters("cgc-1+n", tasks))
-    # 48 x (2, 1, 2) / 5 = 19.2, 9.6, 19.2: floors 19, 9, 19, the step left to the largest remainder
-    assert shares == {"x": 19, "y": 10, "z": 19}
+    # 10 // 5 = 2 examples of each task per step: a cluster of T_c tasks trains on 2 * T_c
+    assert cluster_batches(10, method_clusters("cgc-1+n", tasks)) == {"x": 4, "y": 2, "z": 4}
+    assert cluster_batches(10, method_clusters("lora", tasks)) == {"all": 10}
+    assert cluster_batches(8, {"all": tasks}) == {"all": 5}  # 8 // 5 = 1 of each
+    with pytest.raises(ValueError, match="at least 5"):
+        cluster_batches(4, {"all": tasks})
 
 
-def test_seesaw_table_counts_losing_tasks():
-    scores = {"per-task-lora": {"t1": 0.8, "t2": 0.5}, "lora": {"t1": 0.9, "t2": 0.3},
-              "cgc-1+n": {"t1": 0.8, "t2": 0.6}}
-    table = seesaw_table(scores, {"per-task-lora": 10, "lora": 5, "cgc-1+n": 7}, {"lora": 1.0})
-    assert table.loc["lora", "tasks that lose"] == 1 and table.loc["cgc-1+n", "tasks that lose"] == 0
-    assert table.loc["lora", "avg change vs per-task-lora"] == pytest.approx(-0.05)
-    assert table.loc["cgc-1+n", "average"] == pytest.approx(0.7)
-    assert pd.isna(table.loc["cgc-1+n", "train seconds"])
+def _run(scores: dict[str, list[float]], seconds=None) -> dict:
+    """A run_method-like result with per-example scores."""
+    return {"scores": {t: {"score": sum(v) / len(v), "per_example": v} for t, v in scores.items()},
+            "trainable_parameters": 7, "train_seconds": seconds}
+
+
+def test_seesaw_table_intervals_and_losing_tasks():
+    ones, zeros = [1.0] * 40, [0.0] * 40
+    half = [1.0, 0.0] * 20
+    runs = {
+        "per-task-lora": [_run({"t1": half, "t2": ones})],
+        "lora": [_run({"t1": ones, "t2": half}, seconds=3.0)],  # t2 loses clearly, t1 wins
+        "cgc-1+n": [_run({"t1": half, "t2": [1.0] * 39 + [0.0]})],  # t2 one answer below: noise
+    }
+    table = seesaw_table(runs)
+    assert table.loc["lora", "tasks that lose"] == 1 and table.loc["lora", "tasks below reference"] == 1
+    assert table.loc["cgc-1+n", "tasks that lose"] == 0 and table.loc["cgc-1+n", "tasks below reference"] == 1
+    assert table.loc["lora", "avg change vs per-task-lora"] == pytest.approx(0.0)
+    assert table.loc["lora", "t2 change high"] < 0 < table.loc["lora", "t1 change low"]
+    assert table.loc["cgc-1+n", "average"] == pytest.approx((0.5 + 39 / 40) / 2)
+    assert table.loc["per-task-lora", "t1 low"] < 0.5 < table.loc["per-task-lora", "t1 high"]
+    assert table.loc["per-task-lora", "t2 low"] == table.loc["per-task-lora", "t2 high"] == 1.0
+    assert table.loc["lora", "train seconds"] == 3.0 and pd.isna(table.loc["cgc-1+n", "train seconds"])
 
 
 def test_run_tiny_preset_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", "--preset", "tiny", "--out", str(out), "--quiet", "--methods", "all"]) == 0
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "metrics.json", "results.md", "scores.png", "training_curves.png",
+    assert {"config.json", "metrics.json", "results.md", "scores.png", "validation_curves.png",
             "gates_moelora_all.png", "gates_cgc-1plus1_all.png", "gates_cgc-1plusn_classify.png",
-            "gates_cgc-1plusn_generate.png"} <= files
+            "gates_cgc-1plusn_generate.png", "contributions_cgc-1plusn_classify.png"} <= files
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics["methods"]) == ["base (zero-shot)", *METHODS]
-    for method, result in metrics["methods"].items():
+    assert list(metrics["runs"]) == ["base (zero-shot)", *METHODS]
+    for method, (result,) in metrics["runs"].items():
         assert set(result["scores"]) == {"topic", "sentiment", "headline", "trivia"}, method
-        assert all(0 <= s["score"] <= 1 for s in result["scores"].values())
-    assert metrics["methods"]["cgc-1+n"]["trainable_parameters"] > metrics["methods"]["lora"]["trainable_parameters"]
-    steps = {c: len(h) for c, h in metrics["methods"]["cgc-1+n"]["history"].items()}
-    assert steps == {"classify": 2, "generate": 2}  # 4 steps shared by task count
-    stages = {c: len(h) for c, h in metrics["methods"]["modula-res"]["history"].items()}
+    (cgc,), (lora,) = metrics["runs"]["cgc-1+n"], metrics["runs"]["lora"]
+    assert cgc["trainable_parameters"] > lora["trainable_parameters"]
+    trained = {c: [r["step"] for r in h if "loss" in r] for c, h in cgc["history"].items()}
+    assert trained == {"classify": [1, 2, 3, 4], "generate": [1, 2, 3, 4]}  # every set: all steps
+    (modula,) = metrics["runs"]["modula-res"]
+    stages = {c: len(h) for c, h in modula["history"].items()}
     assert stages == {"universal": 1, "classify": 1, "generate": 1, "router": 1}
     for variant in ("modula-flan", "modula-res"):
-        assert (out / "adapters" / variant / "modula_config.json").is_file()
-    assert metrics["provenance"]["torch"] and metrics["provenance"]["model"] == "tiny_model(seed=0)"
+        assert (out / "adapters" / variant / "seed0" / "modula_config.json").is_file()
+    prov = metrics["provenance"]
+    assert prov["model"] == "tiny_model(seed=0)" and prov["seeds"] == [0] and "autocast" in prov
+    assert cgc["seconds_per_step"] > 0
     config = json.loads((out / "config.json").read_text())
-    assert config["preset"]["name"] == "tiny" and "equal active rank" in config["budget_rule"]
+    assert config["preset"]["name"] == "tiny" and "equal steps" in config["budget_rule"]
     results = (out / "results.md").read_text()
     assert all(f"| {m} |" in results for m in METHODS)
     assert "| method |" in capsys.readouterr().out  # the table is printed
@@ -94,7 +115,7 @@ def test_export_a_task_of_a_tiny_run(tmp_path, capsys):
     assert main(["export", "--run", str(run), "--task", "trivia", "--format", "merged",
                  "--out", str(tmp_path / "m")]) == 0
     assert "PeftModel.from_pretrained" in capsys.readouterr().out
-    framework = OnePlusN.load(run / "adapters" / "cgc-1+n")
+    framework = OnePlusN.load(run / "adapters" / "cgc-1+n" / "seed0")
     ids = torch.tensor([[5, 6, 7, 8]])
     framework.activate("classify")
     expected = framework.model(ids, task_ids=["sentiment"]).logits

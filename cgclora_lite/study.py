@@ -1,0 +1,239 @@
+"""The study: what CGC-LoRA's parts do on the real model, with seeds and intervals.
+
+    python -m cgclora_lite study --groups gate --seeds 0 --out docs/results     # one group
+    python -m cgclora_lite study --out docs/results                              # everything
+
+Every *arm* trains one configuration from fresh adapters, once per seed, under the experiment's
+budget rule (``experiment.cluster_batches``: every adapter set the same steps, every task the same
+examples), and records its per-task validation loss (teacher-forced, recorded while training)
+and its test scores. The groups:
+
+* ``methods``: lora, per-task-lora, moelora, cgc-1+1, cgc-1+n, modula-flan, modula-res;
+* ``gate``: cgc-1+n with ``gate_norm`` softmax / scaled x ``gate_lr_scale`` 1 / 10 / 100, and the
+  gate off (every expert weight 1). **The defaults are chosen here, on validation loss**;
+* ``split``: cgc-1+n with the four rank-2 experts split 1/3, 2/2, 3/1 (K_c/K_s) and 4/0 (MOELoRA's
+  shape in two clusters), at equal r_active;
+* ``budget``: lora, per-task-lora and cgc-1+n at half and twice the preset's steps;
+* ``capacity``: the same at r_active 4 and 16 (interference grows as capacity shrinks);
+* ``control``: a positive control, sentiment and a copy of it whose negative and positive answers
+  are swapped (same inputs, same instruction), in one cluster: a shared adapter must seesaw there.
+
+The arms that read the default clusters take them from ``tasks.DEFAULT_CLUSTERS``. Results: one
+JSON file (every arm, seed, task: validation loss, test score, per-example scores, seconds) and
+a Markdown report of tables with 95% bootstrap intervals (``stats``), which ``report`` rebuilds
+from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .cgc import CGCConfig
+from .experiment import (
+    METHODS,
+    Preset,
+    cluster_batches,
+    load_tasks,
+    method_clusters,
+    run_method,
+    train_and_score,
+    train_config,
+)
+from .stats import Bootstrap
+from .tasks import Example, Task
+
+GROUPS = ("methods", "gate", "split", "budget", "capacity", "control")
+KEY_METHODS = ("lora", "per-task-lora", "cgc-1+n")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of the study: a ``method`` of ``experiment.METHODS`` (run by
+    ``run_method``), or a CGC-LoRA ``config`` (``CGCConfig`` keyword arguments) trained on
+    ``clusters`` ("prior": the tasks' own clusters, "one": all tasks in one), with ``preset``
+    overrides (``steps``, ``r_active``, ``gate_norm``...)."""
+
+    group: str
+    name: str
+    method: str | None = None
+    config: dict = field(default_factory=dict)
+    clusters: str = "prior"
+    preset: dict = field(default_factory=dict)
+    tasks: str = "default"  # or "control": sentiment and its flipped copy
+
+
+def arms(groups: Sequence[str], preset: Preset) -> list[Arm]:
+    """The arms of ``groups``, in order."""
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown study groups {unknown}; choose from {list(GROUPS)}")
+    plan: list[Arm] = []
+    rank = preset.r_active // 4
+    for group in groups:
+        if group == "methods":
+            plan += [Arm(group, m, method=m) for m in METHODS]
+        elif group == "gate":
+            plan += [Arm(group, f"{norm} x{scale:g}", method="cgc-1+n",
+                         preset={"gate_norm": norm, "gate_lr_scale": scale})
+                     for norm in ("softmax", "scaled") for scale in (1.0, 10.0, 100.0)]
+            plan.append(Arm(group, "gate off", config=dict(n_common=2, n_specific=2, rank_common=rank,
+                                                           rank_specific=rank, gate="none")))
+        elif group == "split":
+            plan += [Arm(group, f"K_c={c}, K_s={4 - c}",
+                         config=dict(n_common=c, n_specific=4 - c, rank_common=rank, rank_specific=rank))
+                     for c in (1, 2, 3, 4)]
+        elif group == "budget":
+            plan += [Arm(group, f"{m}, {steps} steps", method=m, preset={"steps": steps})
+                     for steps in (preset.steps // 2, preset.steps * 2) for m in KEY_METHODS]
+        elif group == "capacity":
+            plan += [Arm(group, f"{m}, r_active {r}", method=m, preset={"r_active": r, "alpha": 2.0 * r})
+                     for r in (4, 16) for m in KEY_METHODS]
+        elif group == "control":
+            plan += [Arm(group, m, method=m, tasks="control") for m in ("lora", "per-task-lora", "cgc-1+1")]
+    return plan
+
+
+def flipped(task: Task) -> Task:
+    """A copy of a sentiment task whose ``negative`` and ``positive`` answers are swapped."""
+    swap = {"negative": "positive", "positive": "negative"}
+
+    def flip(examples: list[Example]) -> list[Example]:
+        return [Example(e.input, swap.get(e.target, e.target), "flipped") for e in examples]
+
+    return Task(name="flipped", cluster=task.cluster, instruction=task.instruction, metric=task.metric,
+                labels=task.labels, train=flip(task.train), validation=flip(task.validation),
+                test=flip(task.test))
+
+
+def run_arm(arm: Arm, model, tokenizer, preset: Preset, seed: int, progress: bool = False) -> dict:
+    """Train and score one arm at one seed; returns ``run_method``'s result plus the final
+    per-task validation loss (``val_loss``)."""
+    preset = replace(preset, seed=seed, **arm.preset)
+    if arm.tasks == "control":
+        (sentiment,) = load_tasks(preset, ["sentiment"])
+        tasks = [sentiment, flipped(sentiment)]
+    else:
+        tasks = load_tasks(preset)
+    if arm.method is not None:
+        result = run_method(arm.method, model, tokenizer, tasks, preset, progress)
+    else:
+        import torch
+
+        torch.manual_seed(seed)
+        clusters = method_clusters("cgc-1+n" if arm.clusters == "prior" else "lora", tasks)
+        config = CGCConfig(alpha=preset.alpha, gate_norm=preset.gate_norm,
+                           gate_lr_scale=preset.gate_lr_scale, **arm.config)
+        result = train_and_score(model, tokenizer, clusters, config, train_config(preset),
+                                 cluster_batches(preset.batch_size, clusters), preset.max_length,
+                                 progress=progress)
+    result["val_loss"] = final_validation_loss(result["history"])
+    return result
+
+
+def final_validation_loss(histories: dict[str, list[dict]]) -> dict[str, float]:
+    """``{task: validation loss}`` at the last validation step of each cluster (or stage)."""
+    losses: dict[str, float] = {}
+    for log in histories.values():
+        recorded = [r for r in log if "val_loss_by_task" in r]
+        if recorded:
+            losses.update(recorded[-1]["val_loss_by_task"])
+    return losses
+
+
+def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[int] = (0, 1, 2),
+              out: str | Path = "docs/results", progress: bool = False, model_name: str | None = None) -> dict:
+    """Run the arms of ``groups`` at every seed; write ``<out>.json`` (after every arm, so a long
+    study can be stopped and read) and ``<out>.md``; return the JSON dict."""
+    from .models import load_model
+    from .provenance import provenance
+
+    if not preset.validation or not preset.eval_every:
+        raise ValueError("the study selects on validation loss: use a preset with validation "
+                         "examples and eval_every > 0")
+    model, tokenizer = load_model(model_name if model_name is not None else preset.model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    study = {"provenance": provenance(model, seeds=list(seeds)), "preset": asdict(preset),
+             "seeds": list(seeds), "arms": []}
+    start = time.perf_counter()
+    for arm in arms(groups, preset):
+        runs = []
+        for seed in seeds:
+            print(f"== study: {arm.group} / {arm.name}, seed {seed}", flush=True)
+            result = run_arm(arm, model, tokenizer, preset, seed, progress)
+            runs.append({
+                "seed": seed, "val_loss": result["val_loss"],
+                "scores": {t: {"score": s["score"], "per_example": s["per_example"]}
+                           for t, s in result["scores"].items()},
+                "trainable_parameters": result["trainable_parameters"],
+                "train_seconds": result["train_seconds"], "seconds_per_step": result["seconds_per_step"],
+                "eval_seconds": result["eval_seconds"],
+                "gates": {c: g.weights.mean(0).tolist() for c, g in result.get("gates", {}).items()},
+                "contributions": {c: g.weights.mean(0).tolist()
+                                  for c, g in result.get("contributions", {}).items()},
+            })
+        study["arms"].append({**asdict(arm), "runs": runs})
+        study["total_seconds"] = time.perf_counter() - start
+        out.with_suffix(".json").write_text(json.dumps(study, indent=1) + "\n")
+        out.with_suffix(".md").write_text(report(study))
+    return study
+
+
+def _table(arms_of_group: list[dict], boot_for) -> list[str]:
+    """Markdown rows: arm, validation loss per task (mean over seeds), test score per task and its
+    average with 95% intervals."""
+    tasks = list(arms_of_group[0]["runs"][0]["scores"])
+    head = (["arm"] + [f"val loss {t}" for t in tasks] + ["val loss mean"]
+            + [f"test {t}" for t in tasks] + ["test average", "s/step"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in arms_of_group:
+        runs = arm["runs"]
+        values = {t: np.array([r["scores"][t]["per_example"] for r in runs]) for t in tasks}
+        boot = boot_for(values, len(runs))
+        val = [np.mean([r["val_loss"].get(t, np.nan) for r in runs]) for t in tasks]
+        cells = [arm["name"]] + [f"{v:.3f}" for v in val] + [f"{np.nanmean(val):.3f}"]
+        cells += [f"{boot.score(t, values[t]):.3f}" for t in tasks] + [f"{boot.average(values):.3f}"]
+        cells.append(f"{np.mean([r['seconds_per_step'] for r in runs]):.2f}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def report(study: dict) -> str:
+    """The study's Markdown report, from its JSON alone (every number traceable to it)."""
+    prov, preset = study["provenance"], study["preset"]
+
+    def boot_for(values: dict, seeds: int) -> Bootstrap:
+        return Bootstrap({t: v.shape[1] for t, v in values.items()}, seeds)
+
+    lines = [
+        "# Study results", "",
+        f"Written by `{prov.get('command')}`: preset `{preset['name']}`, seeds {study['seeds']}, {preset['steps']} steps per adapter "
+        f"set, {preset['batch_size']} examples per step over all tasks, model {prov.get('model')} on "
+        f"{prov.get('device_name')} ({prov.get('cpu_threads')} threads), commit {prov.get('git_commit')}, "
+        f"{prov.get('date')}; {study.get('total_seconds', 0) / 60:.0f} minutes in all. Test scores: "
+        "mean [95% bootstrap interval over test examples and seeds]. Validation loss: the last "
+        "recorded, teacher-forced, mean over seeds (the selection criterion; test scores are "
+        "reported only).", "",
+    ]
+    for group in dict.fromkeys(a["group"] for a in study["arms"]):
+        lines += [f"## {group}", ""] + _table([a for a in study["arms"] if a["group"] == group], boot_for) + [""]
+    return "\n".join(lines) + "\n"
+
+
+def best_gate(study: dict) -> dict:
+    """The gate arm with the lowest mean validation loss (over tasks and seeds)."""
+    gate = [a for a in study["arms"] if a["group"] == "gate"]
+    if not gate:
+        raise ValueError("the study has no gate group")
+
+    def loss(arm: dict) -> float:
+        return float(np.mean([np.mean(list(r["val_loss"].values())) for r in arm["runs"]]))
+
+    return min(gate, key=loss)
+
