@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup browser-deps demo test test-fast test-slow test-notebooks lab clean
+.PHONY: setup browser-deps demo gpu-check test test-fast test-slow test-notebooks lab clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ browser-deps: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m cgclora_lite run
+
+# On a CUDA machine: the benchmark (eager, compiled) and the gpu preset at seeds 0 1 2, every
+# result with its provenance under $(OUT) (see cgclora_lite/gpucheck.py).
+OUT ?= gpu-results
+gpu-check: $(STAMP)
+	$(BIN)/python -m cgclora_lite.gpucheck --out $(OUT)
 
 # The notebooks run under nbval in fast mode (CGCLORA_FAST=1: smaller data, same cells) and are
 # compared with the fast-mode outputs stored in them; see notebooks/README.md.

@@ -36,6 +36,7 @@ tools
     ``widgets``     ipywidgets panels for the notebooks
     ``bench``       benchmarks of the fused layer
     ``cli``         the command line: ``run`` (the run folder), ``export``, ``affinity``, ``bench``
+    ``gpucheck``    every GPU measurement in one command (``make gpu-check``)
 """
 
 from ._version import __version__
@@ -51,7 +52,7 @@ LAYERS = {
     "fine-tuning": ["provenance", "models", "tasks", "taskfile", "data", "distributed", "train", "evaluate", "stats", "hf",
                     "launch"],
     "1+N": ["affinity", "modula", "framework", "experiment", "workflow"],
-    "tools": ["viz", "widgets", "bench", "cli", "__main__"],
+    "tools": ["viz", "widgets", "bench", "cli", "gpucheck", "__main__"],
 }
 """The package's modules in layer order: each may import only modules listed before it."""
 

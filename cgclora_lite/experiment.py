@@ -66,7 +66,7 @@ class Preset:
     """Sizes of one experiment run. ``model``: None = embedded SmolLM2, "tiny" = tiny random model.
 
     ``train`` and ``validation``: examples per task; ``test``: per task, None = every example not
-    used for training or validation (trivia). ``batch_size``: examples of all tasks per step
+    used for training or validation (trivia: at most half of its pairs then go to training). ``batch_size``: examples of all tasks per step
     (``batch_size // T`` of each task). Validation loss is recorded every ``eval_every`` steps.
     ``gate_norm`` and ``gate_lr_scale`` go to the gated methods' ``CGCConfig``.
     """
@@ -97,7 +97,7 @@ PRESETS = {
     # two CPU cores, under 20 minutes for `make demo` even in fp32 (no native bf16): 144 steps of
     # 4 examples per adapter set (one of each task per step), prompts of 64 tokens, test sets large
     # enough for intervals of about +-0.07 on the label tasks
-    "cpu": Preset("cpu", None, train=240, validation=8, eval_every=36,
+    "cpu": Preset("cpu", None, train=240, validation=24, eval_every=36,
                   test={"topic": 200, "sentiment": 200, "headline": 100, "trivia": None},
                   steps=144, batch_size=4, max_length=64, lr=2e-3),
     # a Colab-class GPU: full prompts, 600 steps of 16 examples per adapter set
@@ -124,11 +124,12 @@ def load_tasks(preset: Preset, names: Sequence[str] | None = None) -> list[Task]
     for name, build in builders.items():
         if names and name not in names:
             continue
-        test = preset.test.get(name)
-        if test is None:  # every example left after training and validation
+        train, test = preset.train, preset.test.get(name)
+        if test is None:  # a small task (trivia): at most half for training, the rest for testing
             available = len(read_trivia()) if name == "trivia" else 10**9
-            test = available - preset.train - preset.validation
-        tasks.append(build(train=preset.train, validation=preset.validation, test=test, seed=DATA_SEED))
+            train = min(train, available // 2)
+            test = available - train - preset.validation
+        tasks.append(build(train=train, validation=preset.validation, test=test, seed=DATA_SEED))
     return tasks
 
 
