@@ -82,7 +82,7 @@ def find_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules=N
         raise ValueError(
             f"no module matches target_modules={target_modules!r} (exclude={exclude_modules!r}). "
             f"Linear layer names in this model end with: {sample}"
-            + ("" if linear else f" (none: this model has no {SUPPORTED_LAYERS} layer)")
+            + ("" if linear else f" (none: only {SUPPORTED_LAYERS} layers can be adapted)")
         )
     return names
 

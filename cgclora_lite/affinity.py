@@ -53,11 +53,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .adapters import attached_adapters
 from .cgc import CGCConfig
 from .data import Collator, MultiTaskDataset
-from .tasks import Task
-from .adapters import attached_adapters
 from .inject import inject
+from .tasks import Task
 from .train import answer_loss
 
 METHODS = ("gradient", "lookahead")

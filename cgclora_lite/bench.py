@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cgc import GATHER_ABOVE, CGCConfig
 from .adapters import find_targets
+from .cgc import GATHER_ABOVE, CGCConfig
 from .inject import inject
 from .lora import LoRALinear
 from .models import tiny_model

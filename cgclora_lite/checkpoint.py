@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
+from .lora import SUPPORTED_LAYERS, layer_shape
 
 FORMAT_VERSION = 1
 
@@ -116,7 +117,8 @@ def read_config(path, files: Files = CGC_FILES) -> dict:
 
 
 def check_targets(model: nn.Module, meta: dict) -> None:
-    """Every saved module exists in ``model`` as a linear layer of the saved shape."""
+    """Every saved module exists in ``model`` as a linear layer (``nn.Linear`` or ``Conv1D``) of the
+    saved (d_out, d_in) shape."""
     names = dict(model.named_modules())
     origin = f"{meta.get('base_model') or 'an unnamed model'} ({meta.get('base_model_type')})"
     missing = [n for n in meta["targets"] if n not in names]
@@ -128,8 +130,13 @@ def check_targets(model: nn.Module, meta: dict) -> None:
         )
     for name, (d_out, d_in) in meta["targets"].items():
         module = names[name]
-        base = getattr(module, "base", module)
-        shape = (getattr(base, "out_features", None), getattr(base, "in_features", None))
+        shape = layer_shape(getattr(module, "base", module))  # (d_out, d_in), Linear or Conv1D
+        if shape is None:
+            kind = type(getattr(module, "base", module)).__name__
+            raise CheckpointError(
+                f"module {name!r} is a {kind} in this model, not a linear layer ({SUPPORTED_LAYERS}) as "
+                f"in the checkpoint (saved on {origin}): this is not the model they were trained on."
+            )
         if shape != (d_out, d_in):
             raise CheckpointError(
                 f"module {name!r} is {shape[0]} x {shape[1]} in this model but {d_out} x {d_in} in "

@@ -94,7 +94,8 @@ def model_fingerprint(model, tensors: int = 8, samples: int = 8) -> dict:
     values = []
     for name, tensor in (base[i] for i in picks):
         flat = tensor.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, samples).round().long().to(flat.device)
+        last = flat.numel() - 1  # spread positions in integers (a float linspace overshoots past 2**24)
+        index = torch.tensor([k * last // max(samples - 1, 1) for k in range(samples)], device=flat.device)
         values.append([name, [round(v, 6) for v in flat[index].float().cpu().tolist()]])
     return {"parameters": sum(t.numel() for _, t in base), "values": values}
 
@@ -123,7 +124,8 @@ def servable_base(model) -> tuple[str | None, str]:
 
     from .models import EMBEDDED_GGUF_FILE, EMBEDDED_MODEL, EMBEDDED_WHEEL, EMBEDDED_WHEEL_VERSION, cache_dir
 
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "name_or_path", None)
     name = str(name) if name else None
     if name == EMBEDDED_MODEL:
         folder = cache_dir() / EMBEDDED_MODEL
@@ -152,7 +154,7 @@ def prompt_notes(task: Task, max_new_tokens: int) -> str:
     from .data import SYSTEM_PROMPT
 
     labels = (f" The answer's first word is read as the label, one of: {', '.join(task.labels)}."
-              if task.labels else "")
+              if task.labels and task.metric == "accuracy" else "")
     system = "the chat template's default system message" if SYSTEM_PROMPT is None else \
         f"the system message `{SYSTEM_PROMPT}`"
     quoted = "\n".join(("> " + line).rstrip() for line in task.instruction.splitlines() or [""])

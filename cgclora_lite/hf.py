@@ -48,8 +48,8 @@ from typing import Any
 
 from transformers import Trainer
 
-from .data import Collator, MultiTaskDataset
 from .adapters import AdapterSet
+from .data import Collator, MultiTaskDataset
 
 
 def to_hf_dataset(data: MultiTaskDataset):

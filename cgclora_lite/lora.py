@@ -12,11 +12,20 @@ base layer. Because the update is a matrix, it can be folded into the weight for
 
 ``AdaptedLinear`` holds what every adapter in this package shares (the frozen base, merging,
 unmerging, the checks); ``LoRALinear`` is the plain LoRA and ``cgc.CGCLoRALinear`` the mixture.
+
+**Other layouts of a linear layer.** GPT-2 and the models built like it (OpenAI GPT, DistilGPT2
+and others written from the GPT-2 code) store their projections as
+``transformers.pytorch_utils.Conv1D``: the same map ``h = x W + b``, with the weight kept as
+(d_in, d_out), the transpose of ``nn.Linear``'s. Both are adapted alike: ``base_weight`` reads the
+frozen weight as (d_out, d_in) whatever the layout (a transposed view for Conv1D), and ``merge``
+adds ``dW`` transposed where the layout asks for it. Any other layer type is refused with an error
+that names it and the supported ones.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence, Union
 
 import torch
@@ -28,9 +37,37 @@ TargetSpec = Union[str, Sequence[str]]
 any other string, used as a regular expression that must match a full module name."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_LAYERS = "nn.Linear and transformers' Conv1D (GPT-2 style)"
+"""The layer types an adapter can wrap, as messages name them."""
 
 
-def adapter_dtype(name: str, base: nn.Linear) -> torch.dtype:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers.pytorch_utils.Conv1D`` (weight stored (d_in, d_out)).
+
+    Checked against the real class without importing transformers: if ``transformers.pytorch_utils``
+    was never imported, no module can be a Conv1D (importing transformers costs seconds).
+    """
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether an adapter can wrap ``module``: an ``nn.Linear`` or a transformers ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(d_out, d_in)`` of a linear layer in either layout (or of an adapted one); None otherwise."""
+    if isinstance(module, AdaptedLinear):
+        module = module.base
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if is_conv1d(module):
+        return module.nf, module.nx  # weight (nx, nf) = (d_in, d_out)
+    return None
+
+
+def adapter_dtype(name: str, base: nn.Module) -> torch.dtype:
     """The dtype adapter parameters are created in: a name from ``_DTYPES`` or ``"base"``.
 
     ``"float32"`` (the default everywhere) keeps fp32 master weights even on a bf16/fp16 base,
@@ -62,38 +99,58 @@ class MergeError(RuntimeError):
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus an additive update ``delta_weight(...)`` of the same shape.
+    """A frozen linear layer plus an additive update ``delta_weight(...)`` of the same shape.
 
-    Subclasses implement ``delta_weight(*key)`` (fp32, shape (d_out, d_in)) and the unmerged
-    forward. This class implements merging: while merged, ``forward`` is just the base layer, whose
-    weight now holds ``W0 + delta``.
+    The base is an ``nn.Linear`` (weight (d_out, d_in)) or a transformers ``Conv1D`` (weight
+    (d_in, d_out), GPT-2 style); ``base_weight`` reads either as (d_out, d_in). Subclasses
+    implement ``delta_weight(*key)`` (fp32, shape (d_out, d_in)) and the unmerged forward. This
+    class implements merging: while merged, ``forward`` is just the base layer, whose weight now
+    holds ``W0 + delta`` (in the base's own layout).
     """
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Module):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"only nn.Linear layers can be adapted, got {type(base).__name__}")
+        if not is_adaptable(base):
+            raise TypeError(
+                f"cannot adapt a {type(base).__module__}.{type(base).__name__}: only "
+                f"{SUPPORTED_LAYERS} layers can be adapted. Leave this layer out of target_modules "
+                "(or exclude it with exclude_modules)."
+            )
         base.requires_grad_(False)
         self.base = base
+        self.transposed = is_conv1d(base)  # weight stored (d_in, d_out)
         self.merged_key: tuple | None = None  # what was merged (e.g. the task id); None: unmerged
         self._weight_backup: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base.nx if self.transposed else self.base.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base.nf if self.transposed else self.base.out_features
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight (so code that reads ``layer.weight`` keeps working)."""
+        """The base weight as the base layer stores it (so code that reads ``layer.weight`` keeps
+        working); ``base_weight`` is the same tensor as (d_out, d_in)."""
         return self.base.weight
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight ``W0`` as (d_out, d_in), whatever the layout: ``nn.Linear``'s own
+        weight, or a transposed view of a Conv1D's (d_in, d_out) weight (no copy)."""
+        return self.base.weight.T if self.transposed else self.base.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The base weight as it was before any merge (in the base's layout): what identifies
+        the base model even while a task is merged into it."""
+        return self._weight_backup if self.merged else self.base.weight
 
     @property
     def merged(self) -> bool:
@@ -113,8 +170,8 @@ class AdaptedLinear(nn.Module):
                 "the adapter update contains NaN or Inf (training diverged?); refusing to merge it "
                 "into the base weight. Reload a good checkpoint or lower the learning rate."
             )
-        weight = self.base.weight
-        merged = (weight.float() + delta).to(weight.dtype)  # (d_out, d_in)
+        weight = self.base.weight  # (d_out, d_in); Conv1D: (d_in, d_out), so dW goes in transposed
+        merged = (weight.float() + (delta.T if self.transposed else delta)).to(weight.dtype)
         if not torch.isfinite(merged).all():
             raise MergeError(
                 f"W0 + dW overflows {weight.dtype}; merge in a wider dtype (load the model in "
@@ -145,7 +202,7 @@ class LoRALinear(AdaptedLinear):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         rank: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.0,

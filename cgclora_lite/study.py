@@ -147,22 +147,43 @@ def final_validation_loss(histories: dict[str, list[dict]]) -> dict[str, float]:
 
 
 def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[int] = (0, 1, 2),
-              out: str | Path = "docs/results", progress: bool = False, model_name: str | None = None) -> dict:
-    """Run the arms of ``groups`` at every seed; write ``<out>.json`` (after every arm, so a long
-    study can be stopped and read) and ``<out>.md``; return the JSON dict."""
+              out: str | Path = "docs/results", progress: bool = False, model_name: str | None = None,
+              only: Sequence[str] | None = None) -> dict:
+    """Run the arms of ``groups`` (``only``: those arm names, in that order) at every seed; write
+    ``<out>.json`` and ``<out>.md`` after every arm, so a long study can be stopped and read.
+
+    A study is resumable: when ``<out>.json`` exists with the same preset and seeds, its arms are
+    kept and not run again, and the new arms are appended. Returns the JSON dict.
+    """
     from .models import load_model
     from .provenance import provenance
 
     if not preset.validation or not preset.eval_every:
         raise ValueError("the study selects on validation loss: use a preset with validation "
                          "examples and eval_every > 0")
+    plan = arms(groups, preset)
+    if only is not None:
+        by_name = {a.name: a for a in plan}
+        missing = [name for name in only if name not in by_name]
+        if missing:
+            raise ValueError(f"no arms {missing} in groups {list(groups)}; arms: {list(by_name)}")
+        plan = [by_name[name] for name in only]
     model, tokenizer = load_model(model_name if model_name is not None else preset.model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     study = {"provenance": provenance(model, seeds=list(seeds)), "preset": asdict(preset),
              "seeds": list(seeds), "arms": []}
+    previous = out.with_suffix(".json")
+    if previous.is_file():
+        saved = json.loads(previous.read_text())
+        if saved["preset"] == study["preset"] and saved["seeds"] == study["seeds"]:
+            study["arms"] = saved["arms"]  # resume: keep what was measured
+            study["earlier_seconds"] = saved.get("total_seconds", 0) + saved.get("earlier_seconds", 0)
+    done = {(a["group"], a["name"]) for a in study["arms"]}
     start = time.perf_counter()
-    for arm in arms(groups, preset):
+    for arm in plan:
+        if (arm.group, arm.name) in done:
+            continue
         runs = []
         for seed in seeds:
             print(f"== study: {arm.group} / {arm.name}, seed {seed}", flush=True)
@@ -178,7 +199,9 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
                 "contributions": {c: g.weights.mean(0).tolist()
                                   for c, g in result.get("contributions", {}).items()},
             })
-        study["arms"].append({**asdict(arm), "runs": runs})
+        stamp = provenance(model)
+        study["arms"].append({**asdict(arm), "runs": runs, "git_commit": stamp["git_commit"],
+                              "date": stamp["date"]})
         study["total_seconds"] = time.perf_counter() - start
         out.with_suffix(".json").write_text(json.dumps(study, indent=1) + "\n")
         out.with_suffix(".md").write_text(report(study))
@@ -216,7 +239,8 @@ def report(study: dict) -> str:
         f"Written by `{prov.get('command')}`: preset `{preset['name']}`, seeds {study['seeds']}, {preset['steps']} steps per adapter "
         f"set, {preset['batch_size']} examples per step over all tasks, model {prov.get('model')} on "
         f"{prov.get('device_name')} ({prov.get('cpu_threads')} threads), commit {prov.get('git_commit')}, "
-        f"{prov.get('date')}; {study.get('total_seconds', 0) / 60:.0f} minutes in all. Test scores: "
+        f"{prov.get('date')}; {(study.get('total_seconds', 0) + study.get('earlier_seconds', 0)) / 60:.0f} "
+        "minutes of training and scoring in all. Test scores: "
         "mean [95% bootstrap interval over test examples and seeds]. Validation loss: the last "
         "recorded, teacher-forced, mean over seeds (the selection criterion; test scores are "
         "reported only).", "",

@@ -343,6 +343,14 @@ def load_default_tasks(train: int = 400, validation: int = 50, test: int = 50, s
 
 # --- your own data ---------------------------------------------------------------------------
 
+class MissingColumnError(ValueError, KeyError):
+    """A column that a task needs is not in its data: bad input, so a ``ValueError`` (it is also a
+    ``KeyError``, which this error used to be, so older ``except KeyError`` code still catches it)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 def _split_counts(sizes: Sequence[int | float], n: int) -> tuple[int, int, int]:
     """Train/validation/test counts from counts (all ints) or fractions of ``n`` (all floats)."""
     if len(sizes) != 3:
@@ -365,21 +373,74 @@ def _as_text(value: Any) -> str | None:
     return str(value).strip() or None
 
 
-def _task_from_rows(rows: Sequence[dict], columns: Sequence[str], source: str, *, name: str,
-                    cluster: str, instruction: str, input_column: str, target_column: str,
-                    metric: str, labels: Sequence[str] | None, sizes: Sequence[int | float],
-                    seed: int, max_input_words: int | None) -> Task:
-    """Shared body of ``task_from_file`` and ``task_from_hub``: map columns, split, build."""
+FILE_SUFFIXES = (".csv", ".json", ".jsonl")
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A local ``.csv``, ``.json`` (a list of records) or ``.jsonl`` file as a DataFrame.
+
+    CSV cells are read as text (no type guessing: "007" stays "007"). Raises ``FileNotFoundError``
+    for a missing file and ``ValueError`` for another suffix, an empty file, a file that does not
+    parse, or one with a header but no rows; each message says what to fix.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise ValueError(f"{path}: expected a .csv, .json or .jsonl file, not {suffix or 'no suffix'!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found ({path.resolve()}); check the path "
+                                "(a relative path starts from the current folder)")
+    if not path.read_bytes().strip():
+        raise ValueError(f"data file {path} is empty: it has no header and no rows. Write a header "
+                         "line with the column names, then one row per example.")
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)  # no type guessing
+    except ValueError as error:  # pandas' parser errors are ValueErrors
+        shape = {".csv": "a header line, then comma-separated rows",
+                 ".json": "a list of records: [{\"column\": value, ...}, ...]",
+                 ".jsonl": "one JSON record per line: {\"column\": value, ...}"}[suffix]
+        raise ValueError(f"data file {path} cannot be read ({error}); a {suffix} file must hold "
+                         f"{shape}") from error
+    if frame.empty:
+        header = f"a header ({', '.join(map(str, frame.columns))}) but " if len(frame.columns) else ""
+        raise ValueError(f"data file {path} has {header}no rows: add one row per example")
+    return frame
+
+
+def task_from_rows(rows: Sequence[dict], columns: Sequence[str], source: str, *, name: str,
+                   cluster: str, instruction: str, input_column: str, target_column: str,
+                   metric: str, labels: Sequence[str] | None = None,
+                   sizes: Sequence[int | float] = (0.8, 0.1, 0.1), seed: int = 0,
+                   max_input_words: int | None = None) -> Task:
+    """A task from table rows (dicts; ``columns`` their column names, ``source`` their origin for
+    messages): map the columns, split, build. The body of ``task_from_file``, ``task_from_hub``
+    and of task files (``taskfile``).
+
+    Raises ``MissingColumnError`` (a ``ValueError``) for a missing column and ``ValueError`` when
+    no row has both an input and a target, when count ``sizes`` ask for more examples than there
+    are, or (from ``Task``) when a target is not one of ``labels``.
+    """
     for column in (input_column, target_column):
         if column not in columns:
-            raise KeyError(f"column {column!r} not found in {source}; "
-                           f"available columns: {', '.join(map(str, columns))}")
+            raise MissingColumnError(f"column {column!r} not found in {source}; "
+                                     f"available columns: {', '.join(map(str, columns))}")
     examples = []
     for row in rows:
         text, target = _as_text(row[input_column]), _as_text(row[target_column])
         if text is not None and target is not None:
             examples.append(Example(truncate_words(text, max_input_words), target, name))
-    splits = _split_examples(examples, _split_counts(sizes, len(examples)), seed)
+    if not examples:
+        raise ValueError(f"task {name!r}: no row of {source} has both an input ({input_column!r}) "
+                         f"and a target ({target_column!r}) ({len(rows)} rows read)")
+    counts = _split_counts(sizes, len(examples))
+    if sum(counts) > len(examples):
+        raise ValueError(f"task {name!r}: sizes ask for {counts[0]} + {counts[1]} + {counts[2]} = "
+                         f"{sum(counts)} examples, but {source} has {len(examples)} usable rows; "
+                         "lower the sizes or add rows")
+    splits = _split_examples(examples, counts, seed)
     return Task(name=name, cluster=cluster, instruction=instruction, metric=metric,
                 labels=list(labels) if labels is not None else None, **splits)
 
@@ -395,7 +456,9 @@ def task_from_file(path: str | Path, *, name: str, cluster: str, instruction: st
     ``Example.target`` (values are read as text; rows with an empty input or target are skipped).
     ``sizes`` = (train, validation, test), as three fractions of the rows (floats) or three
     counts (ints); the split is random and deterministic for ``seed``. With ``labels``, every
-    target must be one of them.
+    target must be one of them. Bad input raises an error that says what to fix (``read_table``,
+    ``task_from_rows``): a missing or empty file, a missing column, too few rows for the sizes.
+    Several tasks, or one file with a task column: a task file (``taskfile``).
 
     Example::
 
@@ -404,18 +467,31 @@ def task_from_file(path: str | Path, *, name: str, cluster: str, instruction: st
                        input_column="text", target_column="stars", metric="accuracy",
                        labels=["positive", "negative"])
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    elif suffix in (".json", ".jsonl"):
-        frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)  # no type guessing
+    frame = read_table(path)
+    return task_from_rows(frame.to_dict("records"), list(frame.columns), str(path), name=name,
+                          cluster=cluster, instruction=instruction, input_column=input_column,
+                          target_column=target_column, metric=metric, labels=labels,
+                          sizes=sizes, seed=seed, max_input_words=max_input_words)
+
+
+def read_dataset(dataset_name: str, config: str | None = None, split: str = "train",
+                 keep: Sequence[str] | None = None, **load_kwargs: Any) -> tuple[list[dict], list[str]]:
+    """The rows (dicts) and all column names of one split of a ``datasets`` dataset: a Hub id
+    (needs the network), a local folder of data files, or a folder written by ``save_to_disk``.
+    ``keep``: the columns the rows hold (those that exist; default all)."""
+    import datasets  # slow to import; only this loader needs it
+
+    folder = Path(dataset_name)
+    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
+        table = datasets.load_from_disk(str(folder))
+        if isinstance(table, datasets.DatasetDict):
+            table = table[split]
     else:
-        raise ValueError(f"{path}: expected a .csv, .json or .jsonl file")
-    return _task_from_rows(frame.to_dict("records"), list(frame.columns), str(path), name=name,
-                           cluster=cluster, instruction=instruction, input_column=input_column,
-                           target_column=target_column, metric=metric, labels=labels,
-                           sizes=sizes, seed=seed, max_input_words=max_input_words)
+        table = datasets.load_dataset(dataset_name, config, split=split, **load_kwargs)
+    columns = list(table.column_names)
+    if keep is not None:
+        table = table.select_columns([c for c in columns if c in keep])
+    return table.to_list(), columns
 
 
 def task_from_hub(dataset_name: str, *, config: str | None = None, split: str = "train",
@@ -431,18 +507,9 @@ def task_from_hub(dataset_name: str, *, config: str | None = None, split: str = 
     ``load_kwargs`` go to ``datasets.load_dataset`` (e.g. ``revision``, ``cache_dir``). The column
     mapping and ``sizes`` work as in ``task_from_file``.
     """
-    import datasets  # slow to import; only this loader needs it
-
-    folder = Path(dataset_name)
-    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
-        table = datasets.load_from_disk(str(folder))
-        if isinstance(table, datasets.DatasetDict):
-            table = table[split]
-    else:
-        table = datasets.load_dataset(dataset_name, config, split=split, **load_kwargs)
-    columns = table.column_names
-    rows = table.select_columns([c for c in (input_column, target_column) if c in columns])
-    return _task_from_rows(rows.to_list(), columns, dataset_name, name=name, cluster=cluster,
-                           instruction=instruction, input_column=input_column,
-                           target_column=target_column, metric=metric, labels=labels,
-                           sizes=sizes, seed=seed, max_input_words=max_input_words)
+    rows, columns = read_dataset(dataset_name, config, split, [input_column, target_column],
+                                 **load_kwargs)
+    return task_from_rows(rows, columns, dataset_name, name=name, cluster=cluster,
+                          instruction=instruction, input_column=input_column,
+                          target_column=target_column, metric=metric, labels=labels,
+                          sizes=sizes, seed=seed, max_input_words=max_input_words)

@@ -1,0 +1,46 @@
+"""The study: its arms, the positive control's task, one arm end to end on the tiny model, and
+the report rebuilt from the JSON alone."""
+
+import json
+
+import pytest
+
+from cgclora_lite.experiment import PRESETS
+from cgclora_lite.study import GROUPS, arms, best_gate, flipped, report, run_study
+from cgclora_lite.tasks import Example, Task
+
+
+def test_the_arms_cover_the_issue_s_ablations():
+    plan = arms(GROUPS, PRESETS["cpu"])
+    names = {(a.group, a.name) for a in plan}
+    assert {("gate", f"{n} x{s}") for n in ("softmax", "scaled") for s in (1, 10, 100)} <= names
+    assert ("gate", "gate off") in names
+    assert {a.name for a in plan if a.group == "split"} == {f"K_c={c}, K_s={4 - c}" for c in (1, 2, 3, 4)}
+    assert {a.method for a in plan if a.group == "methods"} >= {"lora", "per-task-lora", "cgc-1+n", "modula-res"}
+    assert {a.preset["steps"] for a in plan if a.group == "budget"} == {72, 288}
+    assert {a.preset["r_active"] for a in plan if a.group == "capacity"} == {4, 16}
+    with pytest.raises(ValueError, match="unknown study groups"):
+        arms(["seesaw"], PRESETS["cpu"])
+
+
+def test_the_positive_control_swaps_negative_and_positive_only():
+    task = Task("sentiment", "classify", "Sentiment? {input}", "accuracy",
+                labels=["negative", "neutral", "positive"],
+                train=[Example("a", "negative", "sentiment"), Example("b", "neutral", "sentiment")],
+                test=[Example("c", "positive", "sentiment")])
+    copy = flipped(task)
+    assert copy.name == "flipped" and copy.instruction == task.instruction
+    assert [e.target for e in copy.train] == ["positive", "neutral"] and copy.test[0].target == "negative"
+    assert [e.input for e in copy.train] == ["a", "b"]
+
+
+def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuilds(tmp_path):
+    out = tmp_path / "results"
+    study = run_study(PRESETS["tiny"], groups=["control"], seeds=[0], out=out)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [a["name"] for a in saved["arms"]] == ["lora", "per-task-lora", "cgc-1+1"]
+    run = saved["arms"][0]["runs"][0]
+    assert set(run["val_loss"]) == {"sentiment", "flipped"} and set(run["scores"]) == {"sentiment", "flipped"}
+    assert out.with_suffix(".md").read_text() == report(saved) == report(study)
+    with pytest.raises(ValueError, match="no gate group"):
+        best_gate(saved)
