@@ -49,9 +49,9 @@ from .routing import TaskRouter, TaskRoutingError
 
 LAYERS = {
     "core": ["_version", "routing", "lora", "fused", "checkpoint", "cgc", "adapters", "inject", "export"],
-    "fine-tuning": ["provenance", "models", "tasks", "taskfile", "data", "distributed", "train", "evaluate", "stats", "hf",
-                    "launch"],
-    "1+N": ["affinity", "modula", "framework", "experiment", "workflow"],
+    "fine-tuning": ["provenance", "models", "tasks", "taskfile", "data", "distributed", "train", "evaluate",
+                    "stats", "hf", "launch"],
+    "1+N": ["affinity", "modula", "framework", "experiment", "study", "workflow"],
     "tools": ["viz", "widgets", "bench", "cli", "gpucheck", "__main__"],
 }
 """The package's modules in layer order: each may import only modules listed before it."""

@@ -55,8 +55,9 @@ def test_rouge_l_known_values():
 def test_score_task_picks_the_headline_metric():
     qa = Task("trivia", "generate", "Q: {input}", "exact_match")
     scores = score_task(qa, ["Paris", "the moon"], ["paris", "Mars"])
-    assert scores == {"score": 0.5, "exact_match": 0.5, "token_f1": 0.5}
+    assert scores == {"score": 0.5, "exact_match": 0.5, "token_f1": 0.5, "per_example": [1.0, 0.0]}
     label = Task("sentiment", "classify", "{input}", "accuracy", labels=LABELS)
-    assert score_task(label, ["positive"], ["positive"])["score"] == 1.0
+    labelled = score_task(label, ["positive", "Negative!", "maybe"], ["positive", "negative", "neutral"])
+    assert labelled["per_example"] == [1.0, 1.0, 0.0] and labelled["score"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="as many answers as targets"):
         score_task(label, ["positive"], [])
