@@ -145,6 +145,7 @@ class AdapterSet:
 
     kind: str = ""  # the checkpoint's file names: <kind>_config.json, <kind>_adapters.safetensors
     title: str = ""  # the method's name in messages
+    structural: tuple[str, ...] = ()  # config fields that change the function: a checkpoint must match
     config_class: Any = None  # a dataclass with to_dict / from_dict
 
     def __init__(self, model: nn.Module, config, tasks: Sequence[str], targets: list[str]):
@@ -386,6 +387,7 @@ class AdapterSet:
                 f"{list(self.tasks)} (order matters: it fixes the task ids)"
             )
         self._check_meta(meta)
+        checkpoint.check_same_config(self.config_class.from_dict(meta["config"]), self.config, self.structural)
         checkpoint.check_same_targets(meta, self.layers)
         checkpoint.check_targets(self.model, meta)
         self._load_tensors(path)

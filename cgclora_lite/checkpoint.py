@@ -19,6 +19,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,6 +143,14 @@ def check_targets(model: nn.Module, meta: dict) -> None:
                 f"module {name!r} is {shape[0]} x {shape[1]} in this model but {d_out} x {d_in} in "
                 f"the checkpoint (saved on {origin}): this is not the model they were trained on."
             )
+
+
+def check_same_config(saved, here, fields: Sequence[str]) -> None:
+    """The saved config equals ``here`` in every field of ``fields`` (those that change the function)."""
+    diff = [f"{k}: saved {getattr(saved, k)} vs here {getattr(here, k)}"
+            for k in fields if getattr(saved, k) != getattr(here, k)]
+    if diff:
+        raise CheckpointError("the checkpoint's configuration differs: " + "; ".join(diff))
 
 
 def check_same_targets(meta: dict, layers: dict) -> None:

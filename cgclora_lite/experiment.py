@@ -363,10 +363,11 @@ def results_markdown(table: pd.DataFrame, tasks: Sequence[Task], prov: dict, pre
         cells += [f"{int(params):,}", "" if pd.isna(per_step) else f"{per_step:.2f}"]
         rows.append("| " + " | ".join(cells) + " |")
     sizes = ", ".join(f"{t.name} {len(t.test)}" for t in tasks)
+    train = ", ".join(f"{t.name} {len(t.train)}" for t in tasks)
     notes = (
         f"\nPreset `{preset.name}`, seeds {list(seeds)}: every adapter set {preset.steps} optimizer "
         f"steps, {preset.batch_size // len(tasks)} examples of each task per step ({BUDGET_RULE}); "
-        f"{preset.train} training examples per task; test examples: {sizes}; prompts of at most "
+        f"training examples: {train}; test examples: {sizes}; prompts of at most "
         f"{preset.max_length} tokens; active rank {preset.r_active}, lr {preset.lr}, gated methods "
         f"with gate_norm={preset.gate_norm!r} and gate_lr_scale={preset.gate_lr_scale}. "
         f"Brackets: 95% bootstrap intervals over test examples and seeds; changes are paired. "

@@ -121,26 +121,31 @@ def problems(path: Path) -> list[str]:
     return found
 
 
+def _set_environment(values: dict[str, str | None]) -> None:
+    """Set environment variables (None: unset)."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def execute(path: Path, fast: bool, write: bool, timeout: int) -> float:
     """Run ``path`` in a fresh python3 kernel from its folder; return the wall time in seconds."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    previous = os.environ.get("CGCLORA_FAST")
-    if fast:
-        os.environ["CGCLORA_FAST"] = "1"
-    else:
-        os.environ.pop("CGCLORA_FAST", None)
+    # fast mode is what nbval compares: fp32 whatever the CPU (as `make test` runs it)
+    settings = {"CGCLORA_FAST": "1" if fast else None, "CGCLORA_AMP": "0" if fast else None}
+    previous = {key: os.environ.get(key) for key in settings}
+    _set_environment(settings)
     try:
         start = time.perf_counter()
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(path.parent)}}).execute()
         seconds = time.perf_counter() - start
     finally:
-        if previous is None:
-            os.environ.pop("CGCLORA_FAST", None)
-        else:
-            os.environ["CGCLORA_FAST"] = previous
+        _set_environment(previous)
     if write:
         nbformat.write(clean(nb), path)
     return seconds

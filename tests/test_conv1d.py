@@ -204,3 +204,15 @@ def test_unsupported_layers_are_refused_with_their_type_and_the_supported_ones()
     with pytest.raises(ValueError, match="none: only nn.Linear and transformers' Conv1D"):
         find_targets(nn.Sequential(nn.Embedding(4, 4), nn.LayerNorm(4)), "all-linear")
 
+
+
+def test_parameter_counts_from_shapes_cover_conv1d_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cgclora_lite import CGCConfig, inject
+    from cgclora_lite.inject import count_parameters
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    config = CGCConfig(n_common=1, n_specific=1, rank_common=2, rank_specific=2)
+    counts = count_parameters(model, config, n_tasks=2)
+    assert counts["trainable"] == inject(model, config, ["a", "b"]).num_trainable()
