@@ -98,3 +98,56 @@ def test_saved_and_loaded_framework_predicts_exactly_as_before(tokenizer, tasks,
     original = framework.model(ids, task_ids=["sentiment"]).logits
     loaded.activate("classify")
     assert torch.equal(loaded.model(ids, task_ids=["sentiment"]).logits, original)
+
+
+# --- routing by task id, checked against an independent answer ------------------------------
+# sentiment and trivia are task id 1 of their clusters: a router that sent every request to id 0
+# (or to list order instead of the id) would pass the tests above but fails these.
+
+def _direct_answers(framework, cluster, task_id, inputs, max_new_tokens):
+    """Answers computed without ``OnePlusN``'s routing: the cluster's adapters attached by hand
+    and ``task_id`` given explicitly to ``generate_answers``."""
+    from cgclora_lite.evaluate import generate_answers
+    from cgclora_lite.tasks import Example
+
+    owner = framework.activate(cluster)
+    tasks = framework.clusters[cluster].tasks
+    requests = [(task_id, Example(x, "", tasks[task_id].name)) for x in inputs]
+    assert owner.is_attached
+    return generate_answers(framework.model, framework.tokenizer, tasks, requests,
+                            max_new_tokens=max_new_tokens, max_prompt_length=framework._prompt_room())
+
+
+@pytest.mark.parametrize("task, cluster, task_id", [("sentiment", "classify", 1), ("trivia", "generate", 1)])
+def test_generate_routes_the_tasks_own_id(tokenizer, tasks, task, cluster, task_id):
+    framework = make(tokenizer, tasks)
+    assert framework.clusters[cluster].task_names[task_id] == task
+    inputs = [ex.input for t in tasks for ex in t.test]
+    routed = framework.generate(task, inputs, max_new_tokens=6)
+    assert routed == _direct_answers(framework, cluster, task_id, inputs, 6)
+    # the check has teeth: the other task of the cluster (id 0) answers differently
+    assert routed != _direct_answers(framework, cluster, 0, inputs, 6)
+
+
+def test_merged_task_with_id_one_equals_its_routed_logits(tokenizer, tasks):
+    framework = make(tokenizer, tasks)
+    ids = tokenizer(["some text", "other words here"], return_tensors="pt", padding=True)
+    framework.activate("classify")
+    with torch.no_grad():
+        routed = framework.model(**ids, task_ids=["sentiment", "sentiment"]).logits  # (2, L, V)
+        other = framework.model(**ids, task_ids=[0, 0]).logits
+        framework.merge("sentiment")
+        merged = framework.model(**ids).logits  # no task ids: the merged weights serve sentiment
+    assert not torch.allclose(routed, other, atol=1e-3)
+    torch.testing.assert_close(merged, routed, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_one_task_equals_generate(tokenizer, tasks):
+    """``evaluate(tasks=[...])`` keeps task ids as positions in the cluster: a subset of one
+    task with id 1 must give exactly ``generate``'s answers for that task."""
+    framework = make(tokenizer, tasks)
+    sentiment = next(t for t in tasks if t.name == "sentiment")
+    result = framework.evaluate([sentiment])
+    assert list(result) == ["sentiment"]
+    expected = framework.generate("sentiment", [ex.input for ex in sentiment.test])
+    assert result["sentiment"]["answers"] == expected
