@@ -6,14 +6,18 @@ batch (``data.shard``), and ``GradientSync`` makes the W calls of ``train.train`
 
 * the adapters start from rank 0's values (``broadcast_``), so every rank holds the same weights;
 * the loss is the mean over the answer tokens of the *global* batch, not of each shard. With
-  n_r answer tokens on rank r and N = sum_r n_r (one all-reduce of a count per batch,
-  ``loss_weight``), rank r back-propagates ``answer_loss * n_r / N`` = (sum of its token
+  n_r answer tokens on rank r and N = sum_r n_r (one all-reduce of a count per optimizer step,
+  ``loss_weights``), rank r back-propagates ``answer_loss * n_r / N`` = (sum of its token
   losses) / N, and the adapter gradients are **summed** over ranks:
 
       sum_r grad(S_r) / N = grad of the global token mean,    S_r = sum of rank r's token losses
 
   whatever the shards' token counts (averaging per-rank means, DDP's default, weights a token
-  of a short shard more than one of a long shard);
+  of a short shard more than one of a long shard). **Gradient accumulation follows the same
+  rule**: the ``grad_accum`` micro-batches of a step are more shards of one batch, so each is
+  weighted by its answer tokens over N, the tokens of all micro-batches on all ranks. One
+  process with ``grad_accum=W`` and W ranks with ``grad_accum=1`` on the same shards compute the
+  same step (``tests/test_train.py``, ``tests/test_distributed.py``);
 * the gradients are summed by hand, once per optimizer step, in one flat buffer holding only
   the adapter gradients (the frozen base has none), before clipping (``sum_gradients_``), so
   every rank clips the same global gradient and takes the same AdamW step.
@@ -52,7 +56,7 @@ class GradientSync:
     """Keeps the adapters of W ranks in step (module docstring); does nothing in one process.
 
     ``params``: the trained parameters (the adapters'), ``device``: where this rank computes.
-    In ``train``: ``broadcast_()`` once, ``loss_weight(n)`` for every batch, ``sum_gradients_``
+    In ``train``: ``broadcast_()`` once, ``loss_weights(counts)`` for every step's micro-batches, ``sum_gradients_``
     before each optimizer step's clipping.
     """
 
@@ -68,17 +72,16 @@ class GradientSync:
             for p in self.params:
                 dist.broadcast(p.data, src=0)
 
-    def loss_weight(self, n_tokens: int) -> float | None:
-        """The factor of a batch's mean loss with ``n_tokens`` answer tokens on this rank.
+    def loss_weights(self, n_tokens: list[int]) -> list[float | None]:
+        """The factor of each micro-batch's mean loss, given their answer-token counts on this rank.
 
-        One process: 1. Under torchrun: n_r / N, N the answer tokens of the global batch (a
-        collective: every rank calls it for every batch), or None when this rank's shard has no
-        answer token (skip it: it adds zero gradient).
+        n_i / N, N the answer tokens of every micro-batch of the step on every rank (under
+        torchrun a collective: every rank calls it once per step); None for a micro-batch with
+        no answer token (skip it: it adds zero gradient). The weighted means sum to the token
+        mean of the whole step.
         """
-        if self.world_size == 1:
-            return 1.0
-        (n_global,) = all_reduce_sum([n_tokens], self.device)
-        return None if n_tokens == 0 else n_tokens / n_global
+        (total,) = all_reduce_sum([sum(n_tokens)], self.device)
+        return [None if n == 0 else n / total for n in n_tokens]
 
     def sum_gradients_(self, loss_sum: float) -> float:
         """Sum the gradients of ``params`` over all ranks in place, and ``loss_sum`` with them.

@@ -12,8 +12,12 @@ whole 49k vocabulary at every position costs more than the rest of a small model
 clipping, gradient accumulation, bf16 autocast on CUDA, a fixed seed, a ``tqdm`` progress bar
 showing the loss, optional periodic validation, and a recorded history.
 
-Under ``torchrun`` the same loop trains W processes as one: ``distributed.GradientSync``
-normalises the loss by the global batch's answer tokens and sums the gradients (see there).
+One rule weights the answer tokens of a step, with or without accumulation or torchrun: the
+loss of an optimizer step is the mean over *all* its answer tokens (every micro-batch, every
+rank), so each micro-batch's mean loss is weighted by its share of the step's tokens
+(``distributed.GradientSync.loss_weights``; under ``torchrun`` the gradients are then summed over
+the W ranks, see there). Accumulating two half-batches is thus exactly one full batch, even when
+the halves hold different numbers of answer tokens.
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ def train(
 
     ``batches`` yields dicts with ``input_ids``, ``attention_mask``, ``labels`` and ``task_ids``
     (see ``data.Collator``); it is cycled if it runs out. Each history entry has ``step``,
-    ``loss`` (mean over the accumulated batches), ``lr``, ``grad_norm``, ``seconds`` since the
+    ``loss`` (mean over the step's answer tokens), ``lr``, ``grad_norm``, ``seconds`` since the
     start, and on validation steps ``val_loss`` and ``val_loss_by_task`` ({task: loss}).
 
     Under ``torchrun`` (a process group of W > 1 ranks), ``batches`` are this rank's shards of
@@ -227,22 +231,22 @@ def train(
         lr = config.lr * lr_factor(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
+        micro = [_to(next(stream), device) for _ in range(config.grad_accum)]
+        weights = sync.loss_weights([answer_tokens(b) for b in micro])  # n_i / N: one token mean
         loss_sum = 0.0
-        for _ in range(config.grad_accum):
-            batch = _to(next(stream), device)
-            weight = sync.loss_weight(answer_tokens(batch))  # 1; under torchrun n_r / N
-            if weight is None:  # no answer token in this rank's shard: it adds zero gradient
+        for batch, weight in zip(micro, weights):
+            if weight is None:  # no answer token in this micro-batch: it adds zero gradient
                 continue
             with adapters.route(batch["task_ids"]):  # backward inside: checkpointing re-runs forwards
                 with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
                     loss = answer_loss(model, batch) * weight
-                (loss / config.grad_accum).backward()
+                loss.backward()
             loss_sum += loss.item()
         loss_sum = sync.sum_gradients_(loss_sum)  # under torchrun: of the global batch, on every rank
         norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": loss_sum / config.grad_accum, "lr": lr,
+        record = {"step": step + 1, "loss": loss_sum, "lr": lr,
                   "grad_norm": float(norm), "seconds": time.perf_counter() - start}
         if validation is not None and config.eval_every and (step + 1) % config.eval_every == 0:
             record["val_loss"], record["val_loss_by_task"] = evaluate_loss(

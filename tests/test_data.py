@@ -425,3 +425,17 @@ def test_task_from_hub_reads_local_folders(tmp_path, monkeypatch):
     assert from_saved == task  # same rows, same seed, same split
     with pytest.raises(KeyError, match="available columns"):
         T.task_from_hub(str(saved), **{**FILE_TASK, "input_column": "prompt"})
+
+
+def test_sampler_with_tasks_draws_only_those_tasks_and_keeps_their_indices():
+    dataset = _fake_dataset([6, 4, 8])
+    task_of = {i: t for t, ix in enumerate(dataset.indices_by_task) for i in ix}
+    sampler = D.TaskBalancedSampler(dataset, batch_size=4, seed=1, tasks=["task2", "task0"])
+    batches = list(sampler)
+    assert len(batches) == 4  # ceil(largest (8) * 2 tasks / 4)
+    for batch in batches:  # dataset order (task0 then task2), two each; indices are the dataset's
+        assert collections.Counter(task_of[i] for i in batch) == {0: 2, 2: 2}
+    assert sorted(i for b in batches for i in b if task_of[i] == 2) == dataset.indices_by_task[2]
+    for bad in (["task9"], []):
+        with pytest.raises(ValueError, match="non-empty subset"):
+            D.TaskBalancedSampler(dataset, batch_size=4, tasks=bad)

@@ -45,7 +45,8 @@ def test_gradient_sync_does_nothing_in_one_process():
     sync = GradientSync(params, torch.device("cpu"))
     assert world() == (0, 1) and (sync.rank, sync.world_size) == (0, 1)
     sync.broadcast_()
-    assert sync.loss_weight(7) == 1.0 and sync.loss_weight(0) == 1.0  # alone, no batch is skipped
+    assert sync.loss_weights([7]) == [1.0]
+    assert sync.loss_weights([3, 0, 1]) == [0.75, None, 0.25]  # token shares; no token: skipped
     assert sync.sum_gradients_(1.25) == 1.25
     assert torch.equal(params[0].grad, torch.full((2, 3), 0.5)) and params[1].grad is None
     assert all_reduce_sum([3.0, 4], "cpu") == [3.0, 4]

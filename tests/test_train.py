@@ -6,7 +6,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cgclora_lite import CGCConfig, inject
 from cgclora_lite.experiment import CGC_METHODS, method_config
-from cgclora_lite.train import TrainConfig, answer_loss, evaluate_loss, lr_factor, train
+from cgclora_lite.train import TrainConfig, answer_loss, answer_tokens, evaluate_loss, lr_factor, train
 
 TASKS = ["a", "b"]
 
@@ -86,6 +86,109 @@ def test_grad_accumulation_matches_one_big_batch(tiny):
     assert len(grads) == 2
     for full, accumulated in zip(*grads):
         torch.testing.assert_close(accumulated, full, rtol=1e-5, atol=1e-7)
+
+
+def _captured_steps(adapters, batches, config, validation=None):
+    """Train and record, at every optimizer step (before it), each group's lr and the gradients."""
+    seen = []
+
+    def capture(optimizer, args, kwargs):
+        seen.append({"lr": [g["lr"] for g in optimizer.param_groups],
+                     "grads": [p.grad.clone() for p in adapters.parameters()]})
+
+    handle = register_optimizer_step_pre_hook(capture)
+    try:
+        history = train(adapters, batches, config, validation, progress=False)
+    finally:
+        handle.remove()
+    return seen, history
+
+
+def _randomized(adapters, std=0.1):
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.normal_(std=std)
+    return adapters
+
+
+def test_accumulation_weights_every_answer_token_alike_whatever_the_micro_batches_hold(tiny):
+    """Two micro-batches with 6 and 15 answer tokens accumulate to exactly the full batch: the
+    step's loss is the mean over its tokens (the rule torchrun uses across ranks), not the mean of
+    the two micro-batch means."""
+    data = toy_batches(1)[0]
+    data["labels"][:2, :6] = data["input_ids"][:2, :6]  # the first half learns its prompt too
+    data["labels"][:2, :4] = -100
+    halves = [{k: v[i * 2 : (i + 1) * 2] for k, v in data.items()} for i in range(2)]
+    assert [answer_tokens(h) for h in halves] == [10, 6]
+    adapters = _randomized(inject(tiny, CGCConfig(n_common=1, n_specific=1), TASKS))
+    start = {k: v.clone() for k, v in adapters.state_dict().items()}
+    runs = []
+    for batches, accum in [([data], 1), (halves, 2)]:
+        with torch.no_grad():
+            for k, v in adapters.state_dict().items():
+                v.copy_(start[k])
+        config = TrainConfig(steps=1, lr=1e-2, grad_accum=accum, warmup=0, max_grad_norm=0)
+        runs.append(_captured_steps(adapters, batches, config))
+    (full, full_history), (accumulated, accumulated_history) = runs
+    for a, b in zip(full[0]["grads"], accumulated[0]["grads"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert accumulated_history[0]["loss"] == pytest.approx(full_history[0]["loss"], rel=1e-5)
+    means = []
+    for half in halves:  # and the mean of the halves' means is not the step's loss
+        with torch.no_grad(), adapters.route(half["task_ids"]):
+            means.append(answer_loss(tiny, half).item())
+    assert abs(sum(means) / 2 - full_history[0]["loss"]) > 1e-3, means
+
+
+def test_schedule_and_gate_rate_reach_the_optimizer(tiny):
+    adapters = inject(tiny, CGCConfig(n_common=1, n_specific=1, gate_lr_scale=10.0), TASKS)
+    config = TrainConfig(steps=6, lr=0.5, warmup=0.34, schedule="linear")
+    seen, history = _captured_steps(adapters, toy_batches(), config)
+    expected = [0.5 * lr_factor(s, config) for s in range(6)]
+    assert [h["lr"] for h in history] == expected
+    # warm-up over int(0.34 * 6) = 2 steps, then linear decay over the 4 left (by hand)
+    assert expected == pytest.approx([0.5 * f for f in (1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25)])
+    scales = sorted({g["lr_scale"] for g in adapters.optimizer_groups()})
+    assert scales == [1.0, 10.0]
+    for step, lrs in enumerate(s["lr"] for s in seen):
+        assert sorted(set(lrs)) == pytest.approx([expected[step], 10 * expected[step]])
+
+
+def test_clipping_caps_the_gradient_the_optimizer_sees(tiny):
+    adapters = _randomized(inject(sharpen(tiny), CGCConfig(n_common=1, n_specific=1), TASKS), std=0.3)
+    start = {k: v.clone() for k, v in adapters.state_dict().items()}
+    norms = {}
+    for clip in (0.0, 1e-3):
+        with torch.no_grad():
+            for k, v in adapters.state_dict().items():
+                v.copy_(start[k])
+        seen, history = _captured_steps(adapters, toy_batches(1), TrainConfig(steps=1, warmup=0,
+                                                                             max_grad_norm=clip))
+        norms[clip] = (history[0]["grad_norm"], torch.cat([g.flatten() for g in seen[0]["grads"]]).norm())
+    recorded, unclipped = norms[0.0]
+    assert float(unclipped) == pytest.approx(recorded, rel=1e-5) and recorded > 1e-2
+    recorded_clipped, clipped = norms[1e-3]
+    assert recorded_clipped == pytest.approx(recorded, rel=1e-5)  # the norm before clipping
+    assert float(clipped) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_evaluate_loss_weighs_tokens_not_batches(tiny):
+    """One batch with 3 answer tokens and one with 12: the mean is over the 15 tokens."""
+    adapters = _randomized(inject(tiny, CGCConfig(n_common=1, n_specific=1), TASKS), std=0.3)
+    short, long = (b for b in toy_batches(2))
+    short = {k: v[:1] for k, v in short.items()}  # one row: 3 answer tokens, task a
+    assert (answer_tokens(short), answer_tokens(long)) == (3, 12)
+    with torch.no_grad():
+        sums = {}
+        for name, batch in (("short", short), ("long", long)):
+            with adapters.route(batch["task_ids"]):
+                sums[name] = answer_loss(tiny, batch).item() * answer_tokens(batch)
+        mean, by_task = evaluate_loss(adapters, [short, long], by_task=True)
+    assert mean == pytest.approx((sums["short"] + sums["long"]) / 15, rel=1e-5)
+    assert set(by_task) == {"a", "b"}
+    only_b = {k: v[long["task_ids"] == 1] for k, v in long.items()}
+    with torch.no_grad(), adapters.route(only_b["task_ids"]):
+        assert by_task["b"] == pytest.approx(answer_loss(tiny, only_b).item(), rel=1e-5)
 
 
 def test_schedule():
