@@ -1,14 +1,32 @@
 """Shared fixtures. Markers: ``slow`` = loads the real embedded model (run by `make test`, counted
 separately with `make test-fast` / `make test-slow`)."""
 
+import os
+from importlib.util import find_spec
+
 import pytest
 import torch
+
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real embedded model or data (tens of seconds)")
     config.addinivalue_line("markers", "browser: drives a real browser (chromium + playwright) against "
                             "JupyterLab; skipped without them unless CI is set (make browser-deps)")
+
+
+def require(module: str, install: str):
+    """``module``'s import spec (it is not imported: an asset wheel's ``__init__`` needs packages
+    installed without), or skip the test where it is missing; **under CI (``CI`` set) a missing
+    required dependency is a failure, never a skip** (``make test`` installs them all)."""
+    spec = find_spec(module)
+    if spec is None:
+        message = f"{module} is not installed: {install}"
+        if IN_CI:
+            pytest.fail(message + " (CI is set, so this is a failure, not a skip)")
+        pytest.skip(message)
+    return spec
 
 
 @pytest.fixture(autouse=True)

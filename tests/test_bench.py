@@ -5,13 +5,14 @@ import dataclasses
 import json
 
 import pytest
+from conftest import require
 
 from cgclora_lite import bench, cli
 from cgclora_lite.bench import BenchConfig
 
 
 def test_smoke_run_checks_fused_against_loop_and_writes_json(tmp_path, capsys):
-    pytest.importorskip("peft")
+    require("peft", "pip install -r requirements-test.txt")
     out = tmp_path / "bench.json"
     results = bench.run(BenchConfig(smoke=True, device="cpu", out=str(out)))
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -65,7 +66,7 @@ def test_config_is_frozen_and_resolves_into_a_new_one():
 
 
 def test_benchmark_from_python_takes_the_command_options(capsys):
-    pytest.importorskip("peft")
+    require("peft", "pip install -r requirements-test.txt")
     results = bench.benchmark(smoke=True, device="cpu", sweeps=False)
     assert results["provenance"]["command"] == "python -m cgclora_lite bench --device cpu --no-sweeps --smoke"
     assert results["checks"] and results["config"]["steps"] == 2  # smoke mode sets its own sizes

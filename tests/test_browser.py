@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import IN_CI
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -57,7 +58,7 @@ def _require_browser() -> None:
         missing.append("the Python package playwright (requirements-test.txt)")
     if missing:
         message = f"real-browser test needs {' and '.join(missing)}: run `make browser-deps`"
-        if os.environ.get("CI"):
+        if IN_CI:
             pytest.fail(message + " (CI is set, so this is a failure, not a skip)")
         pytest.skip(message)
 

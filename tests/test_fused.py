@@ -121,7 +121,6 @@ def test_bf16_autocast_casts_the_adapter_not_the_input():
 
 
 def test_compiles_as_one_graph_and_matches_eager(tiny):
-    pytest.importorskip("torch._dynamo")
     adapters = inject(tiny, CGCConfig(n_common=2, n_specific=1), TASKS[:3])
     layer = adapters.layers["model.layers.0.mlp.down_proj"]
     with torch.no_grad():
@@ -139,7 +138,6 @@ def test_compiles_as_one_graph_and_matches_eager(tiny):
 
 
 def test_compiled_merged_layer_asserts_on_other_tasks_without_graph_break(tiny):
-    pytest.importorskip("torch._dynamo")
     adapters = inject(tiny, CGCConfig(n_common=1, n_specific=1), TASKS[:3])
     layer = adapters.layers["model.layers.0.self_attn.q_proj"]
     adapters.merge("b")

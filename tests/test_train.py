@@ -6,7 +6,14 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cgclora_lite import CGCConfig, inject
 from cgclora_lite.experiment import CGC_METHODS, method_config
-from cgclora_lite.train import TrainConfig, answer_loss, answer_tokens, evaluate_loss, lr_factor, train
+from cgclora_lite.train import (
+    TrainConfig,
+    answer_loss,
+    answer_tokens,
+    evaluate_loss,
+    lr_factor,
+    train,
+)
 
 TASKS = ["a", "b"]
 
