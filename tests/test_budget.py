@@ -90,3 +90,21 @@ def test_bf16_autocast_training_lowers_the_loss_like_fp32():
     for amp, (before, after, _) in losses.items():
         assert after < 0.9 * before, amp
     assert losses[True][1] == pytest.approx(losses[False][1], rel=0.1)
+
+
+def test_uneven_clusters_keep_the_rule(model_and_tasks, monkeypatch):
+    """Three tasks in one cluster and one in the other: the big cluster's batches are three times
+    larger, every task still sees batch_size // T examples per step, both sets take every step."""
+    model, tokenizer, tasks = model_and_tasks
+    by_name = {t.name: t for t in tasks}
+    clusters = {"big": [by_name[n] for n in ("topic", "sentiment", "headline")], "small": [by_name["trivia"]]}
+    batches = experiment.cluster_batches(PRESET.batch_size, clusters)
+    assert batches == {"big": 6, "small": 2}
+    calls = []
+    monkeypatch.setattr(framework, "train", _spy(calls))
+    experiment.train_and_score(model, tokenizer, clusters, experiment.method_config("cgc-1+n"),
+                               experiment.train_config(PRESET), batches, PRESET.max_length, progress=False)
+    assert [c["steps"] for c in calls] == [PRESET.steps, PRESET.steps]
+    assert {t: n for c in calls for t, n in c["examples"].items()} == {t.name: PRESET.steps * 2 for t in tasks}
+    with pytest.raises(ValueError, match="a batch of 3 examples cannot hold one example of each of the 4"):
+        experiment.cluster_batches(3, clusters)
