@@ -77,8 +77,8 @@ class TaskRouter:
         A single name or int means one sample. Checking a CUDA tensor's range costs one
         device-to-host copy per call (not per layer).
         """
-        if isinstance(task_ids, (str, int)) and not isinstance(task_ids, bool):
-            task_ids = [task_ids]
+        if isinstance(task_ids, (str, int)) or not hasattr(task_ids, "__iter__"):
+            task_ids = [task_ids]  # one sample (a bool or float then gets task_index's clear error)
         if isinstance(task_ids, torch.Tensor):
             if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool:
                 raise TaskRoutingError(f"task ids must be an integer tensor, got {task_ids.dtype}")
