@@ -55,10 +55,10 @@ from .experiment import (
     Preset,
     load_tasks,
     method_clusters,
-    results_markdown,
     run_method,
     seesaw_table,
     train_config,
+    write_results,
 )
 from .framework import OnePlusN
 from .models import autocast_dtype, load_model
@@ -66,19 +66,6 @@ from .provenance import provenance
 from .tasks import DEFAULT_CLUSTERS, load_default_tasks
 
 # --- run: the 1+N experiment and its run folder ----------------------------------------------
-
-def _summary(gates) -> dict:
-    """A ``GateWeights`` as JSON: its tasks, experts and the (task, expert) mean over layers."""
-    return {"value": gates.value, "tasks": gates.tasks, "experts": gates.experts,
-            "mean_over_layers": gates.weights.mean(0).tolist()}
-
-
-def _json_result(result: dict) -> dict:
-    """A ``run_method`` result for metrics.json: gate weights and contributions as summaries."""
-    return {**{k: v for k, v in result.items() if k not in ("gates", "contributions")},
-            "gates": {c: _summary(g) for c, g in result.get("gates", {}).items()},
-            "contributions": {c: _summary(g) for c, g in result.get("contributions", {}).items()}}
-
 
 def run_experiment(preset: Preset, methods: Sequence[str] = DEMO_METHODS, model_name: str | None = None,
                    task_names: Sequence[str] | None = None, out: str | Path | None = None,
@@ -146,17 +133,11 @@ def run_experiment(preset: Preset, methods: Sequence[str] = DEMO_METHODS, model_
                 save_to=out / "adapters" / method / f"seed{seed}"))
 
     table = seesaw_table(runs)
-    markdown = results_markdown(table, tasks, prov, preset, seeds)
-    (out / "results.md").write_text(markdown)
     for name, figure in viz.run_figures(runs, table, [t.name for t in tasks]).items():
         figure.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(figure)
-    metrics = {
-        "provenance": prov, "total_seconds": time.perf_counter() - start,
-        "runs": {m: [_json_result(r) for r in results] for m, results in runs.items()},
-        "table": json.loads(table.to_json(orient="index")),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+    markdown, metrics = write_results(out, runs, table, tasks, prov, preset, seeds,
+                                      total_seconds=time.perf_counter() - start)
     print("\n" + markdown + f"\nwrote {out}/ in {metrics['total_seconds']:.0f} s")
     return metrics
 

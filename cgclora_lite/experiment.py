@@ -296,6 +296,15 @@ def per_example(runs: dict[str, list[dict]]) -> dict[str, dict[str, np.ndarray]]
             for method, results in runs.items()}
 
 
+def _scored(results: list[dict], task: str) -> np.ndarray | None:
+    """A method's (seeds, examples) values of ``task``, or None when its score is missing: some
+    seed has no score for the task, or a value is NaN."""
+    if any(task not in r["scores"] for r in results):
+        return None
+    values = np.array([r["scores"][task]["per_example"] for r in results], dtype=float)
+    return None if np.isnan(values).any() else values
+
+
 def seesaw_table(runs: dict[str, list[dict]], reference: str = REFERENCE) -> pd.DataFrame:
     """Methods x (per-task score, average, change against ``reference``, tasks that lose...),
     every number with its 95% bootstrap interval (``stats.Bootstrap``; columns ``... low`` and
@@ -305,27 +314,40 @@ def seesaw_table(runs: dict[str, list[dict]], reference: str = REFERENCE) -> pd.
     ``scores``). A task *loses* under a method when its paired change against the reference
     (per-task LoRA: each task trained alone, no interference) is negative with its whole interval
     below zero (``tasks that lose``); ``tasks below reference`` counts every negative change,
-    noise included. ``train seconds`` and ``s/step`` are means over seeds.
+    noise included. Without the reference among ``runs`` the change and loss columns are left out.
+    ``train seconds`` and ``s/step`` are means over seeds.
+
+    A **missing score** (a task some seed of a method did not score, or a NaN per-example value)
+    leaves that task's columns NaN for the method; its ``average`` and ``avg change`` are then over
+    the tasks it has a score for (and the reference has), and the task counts neither as losing
+    nor as below the reference.
     """
-    values = per_example(runs)
-    tasks = list(next(iter(values.values())))
-    boot = Bootstrap({t: values[next(iter(values))][t].shape[1] for t in tasks},
-                     seeds=max(len(r) for r in runs.values()))
+    tasks = list(dict.fromkeys(t for results in runs.values() for r in results for t in r["scores"]))
+    values = {method: {t: _scored(results, t) for t in tasks} for method, results in runs.items()}
+    sizes = {t: next(v[t].shape[1] for v in values.values() if v[t] is not None)
+             for t in tasks if any(v[t] is not None for v in values.values())}
+    boot = Bootstrap(sizes, seeds=max(len(r) for r in runs.values()))
+    missing = Interval(np.nan, np.nan, np.nan)
     rows = {}
     for method, per_task in values.items():
         row: dict[str, float] = {}
+        present = {t: v for t, v in per_task.items() if v is not None}
 
         def put(name: str, interval: Interval) -> None:
             row[name], row[f"{name} low"], row[f"{name} high"] = interval.mean, interval.low, interval.high
 
         for task in tasks:
-            put(task, boot.score(task, per_task[task]))
-        put("average", boot.average(per_task))
+            put(task, boot.score(task, present[task]) if task in present else missing)
+        put("average", boot.average(present) if present else missing)
         if reference in values:
-            changes = {t: boot.difference(t, per_task[t], values[reference][t]) for t in tasks}
+            ref = {t: v for t, v in values[reference].items() if v is not None}
+            both = [t for t in present if t in ref]
+            changes = {t: boot.difference(t, present[t], ref[t]) for t in both}
             for task in tasks:
-                put(f"{task} change", changes[task])
-            put(f"avg change vs {reference}", boot.average_difference(per_task, values[reference]))
+                put(f"{task} change", changes.get(task, missing))
+            put(f"avg change vs {reference}",
+                boot.average_difference({t: present[t] for t in both}, {t: ref[t] for t in both})
+                if both else missing)
             row["tasks that lose"] = sum(c.high < 0 for c in changes.values())
             row["tasks below reference"] = sum(c.mean < 0 for c in changes.values())
         results = runs[method]
@@ -341,22 +363,27 @@ def seesaw_table(runs: dict[str, list[dict]], reference: str = REFERENCE) -> pd.
 
 def results_markdown(table: pd.DataFrame, tasks: Sequence[Task], prov: dict, preset: Preset,
                      seeds: Sequence[int]) -> str:
-    """The results table as Markdown (scores with their 95% intervals), with how it was made."""
+    """The results table as Markdown (scores with their 95% intervals), with how it was made.
+
+    The change and loss columns appear when ``table`` has them (a run with the reference method);
+    a missing score (NaN, see ``seesaw_table``) is written ``n/a``."""
     names = [t.name for t in tasks]
     metric = {t.name: t.metric.replace("_", "-") for t in tasks}
-    change = f"avg change vs {REFERENCE}"
-    has_reference = change in table.columns
+    change = next((c for c in table.columns if c.startswith("avg change vs ")
+                   and not c.endswith((" low", " high"))), None)
     head = ["method"] + [f"{t} ({metric[t]})" for t in names] + ["average"]
-    head += [change, "tasks that lose (below)"] if has_reference else []
+    head += [change, "tasks that lose (below)"] if change else []
     head += ["trainable params", "s/step"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def interval(row, name: str, sign: str = "") -> str:
+        if pd.isna(row[name]):
+            return "n/a"
         return f"{row[name]:{sign}.3f} [{row[name + ' low']:{sign}.3f}, {row[name + ' high']:{sign}.3f}]"
 
     for method, row in table.iterrows():
         cells = [method] + [interval(row, t) for t in names] + [interval(row, "average")]
-        if has_reference:
+        if change:
             cells += [interval(row, change, "+"),
                       f"{int(row['tasks that lose'])} ({int(row['tasks below reference'])})"]
         params, per_step = row["trainable params"], row["s/step"]
@@ -364,18 +391,55 @@ def results_markdown(table: pd.DataFrame, tasks: Sequence[Task], prov: dict, pre
         rows.append("| " + " | ".join(cells) + " |")
     sizes = ", ".join(f"{t.name} {len(t.test)}" for t in tasks)
     train = ", ".join(f"{t.name} {len(t.train)}" for t in tasks)
+    losses = ("Changes are paired, against " + change.removeprefix("avg change vs ") + ". A task "
+              "loses when its whole interval of change lies below zero (in brackets: tasks below "
+              "the reference at all, noise included). " if change else
+              f"No {REFERENCE} row: no changes against it. ")
+    gaps = ("n/a: no score for that task (averages and changes are over the tasks with one). "
+            if table[names].isna().to_numpy().any() else "")
     notes = (
         f"\nPreset `{preset.name}`, seeds {list(seeds)}: every adapter set {preset.steps} optimizer "
         f"steps, {preset.batch_size // len(tasks)} examples of each task per step ({BUDGET_RULE}); "
         f"training examples: {train}; test examples: {sizes}; prompts of at most "
         f"{preset.max_length} tokens; active rank {preset.r_active}, lr {preset.lr}, gated methods "
         f"with gate_norm={preset.gate_norm!r} and gate_lr_scale={preset.gate_lr_scale}. "
-        f"Brackets: 95% bootstrap intervals over test examples and seeds; changes are paired. "
-        f"A task loses when its whole interval of change lies below zero (in brackets: tasks "
-        f"below the reference at all, noise included). "
+        f"Brackets: 95% bootstrap intervals over test examples and seeds. {losses}{gaps}"
         f"Model {prov['model']} ({prov['dtype']}, autocast {prov.get('autocast', 'none')}) on "
         f"{prov['device']} ({prov['device_name']}, {prov['cpu_threads']} threads); torch "
         f"{prov['torch']}, transformers {prov['transformers']}, cgclora_lite {prov['cgclora_lite']} "
         f"(commit {prov['git_commit']}); {prov['date']}.\n"
     )
     return "\n".join(rows) + "\n" + notes
+
+
+def _gate_summary(gates) -> dict:
+    """A ``GateWeights`` as JSON: its tasks, experts and the (task, expert) mean over layers."""
+    return {"value": gates.value, "tasks": gates.tasks, "experts": gates.experts,
+            "mean_over_layers": gates.weights.mean(0).tolist()}
+
+
+def json_result(result: dict) -> dict:
+    """A ``run_method`` result for metrics.json: gate weights and contributions as summaries."""
+    return {**{k: v for k, v in result.items() if k not in ("gates", "contributions")},
+            "gates": {c: _gate_summary(g) for c, g in result.get("gates", {}).items()},
+            "contributions": {c: _gate_summary(g) for c, g in result.get("contributions", {}).items()}}
+
+
+def write_results(out: str | Path, runs: dict[str, list[dict]], table: pd.DataFrame,
+                  tasks: Sequence[Task], prov: dict, preset: Preset, seeds: Sequence[int],
+                  total_seconds: float | None = None) -> tuple[str, dict]:
+    """Write a run folder's ``results.md`` (``results_markdown`` of ``table``) and
+    ``metrics.json`` (provenance, ``total_seconds``, every run of ``runs`` by ``json_result``,
+    and ``table`` by method, NaN as null); return the Markdown and the metrics dict."""
+    import json
+
+    out = Path(out)
+    markdown = results_markdown(table, tasks, prov, preset, seeds)
+    (out / "results.md").write_text(markdown)
+    metrics = {
+        "provenance": prov, "total_seconds": total_seconds,
+        "runs": {m: [json_result(r) for r in results] for m, results in runs.items()},
+        "table": json.loads(table.to_json(orient="index")),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+    return markdown, metrics

@@ -33,8 +33,8 @@ source           yes        ``path.csv`` (or .json / .jsonl), ``{file: path, tas
 input, target    yes        the columns of inputs and of expected answers
 instruction      yes        the prompt, with the input's place marked ``{input}``
 metric           yes        ``accuracy`` (labels), ``rouge_l`` (free text), ``exact_match``
-labels           accuracy   the allowed answers; for accuracy single lowercase words, because an
-                            answer's first word, lowercased, is what is compared
+labels           accuracy   the allowed answers; accuracy reads the label an answer begins with,
+                            ignoring case ("sci-fi", "Négatif", "very good" all work)
 sizes            no         ``{train, validation, test}``: counts (ints) or fractions of the usable
                             rows; default ``{train: 0.8, validation: 0.1, test: 0.1}``
 cluster          no         the cluster's name; every task names one, or none does
@@ -62,7 +62,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .tasks import METRICS, SPLITS, Task, _as_text, _split_counts, read_dataset, read_table, task_from_rows
+from .tasks import (METRICS, SPLITS, Task, _as_text, _split_counts, label_problems, read_dataset, read_table,
+                    task_from_rows)
 
 TASK_KEYS = {
     "name": "the task's name", "source": "where the examples come from",
@@ -78,7 +79,6 @@ CLUSTERING_KEYS = ("n_clusters", "method")
 AFFINITY_METHODS = ("gradient", "lookahead")
 DEFAULT_SIZES = {"train": 0.8, "validation": 0.1, "test": 0.1}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-LABEL = re.compile(r"[a-z0-9]+")  # what evaluate.first_word can return
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -338,22 +338,15 @@ def _check_source(check: _Checker, path: tuple, value: Any, name: str | None, fo
     return Source(**fields)
 
 
-def _check_labels(check: _Checker, path: tuple, labels: Any, metric: str | None) -> list[str] | None:
+def _check_labels(check: _Checker, path: tuple, labels: Any) -> list[str] | None:
     if not isinstance(labels, list) or not labels:
         check.add(path, f"labels must be a non-empty list, got {_type_name(labels)}")
         return None
     texts = [check.text(path + (i,), label, "a label") for i, label in enumerate(labels)]
     if any(t is None for t in texts):
         return None
-    repeated = sorted({t for t in texts if texts.count(t) > 1})
-    if repeated:
-        check.add(path, f"labels repeat {repeated}: list each once")
-    if metric == "accuracy":
-        bad = [t for t in texts if not LABEL.fullmatch(t)]
-        if bad:
-            check.add(path, f"labels {bad} can never match: accuracy compares the answer's first "
-                            "word, lowercased and without punctuation, with the labels; use single "
-                            "lowercase words (letters and digits), and write the targets the same way")
+    for problem in label_problems(texts):  # what Task would refuse: empty, repeated, or alike
+        check.add(path, problem)
     return texts
 
 
@@ -386,7 +379,7 @@ def _check_task(check: _Checker, path: tuple, task: dict, origins: dict, folder:
         metric = None
     labels = None
     if task.get("labels") is not None:
-        labels = _check_labels(check, where("labels"), task["labels"], metric)
+        labels = _check_labels(check, where("labels"), task["labels"])
         ok = ok and labels is not None
     elif metric == "accuracy":
         check.add(path, "metric accuracy needs labels: the list of allowed answers")
@@ -680,7 +673,7 @@ tasks:
   - name: mood
     instruction: "How does the person in this sentence most likely feel? Answer with one word: happy or sad.\\n\\n{input}"
     metric: accuracy     # accuracy (labels), rouge_l (free text) or exact_match (short answers)
-    labels: [happy, sad] # accuracy reads the answer's first word, lowercased: single lowercase words
+    labels: [happy, sad] # accuracy reads the label the answer begins with, ignoring case
     cluster: feelings    # tasks of one cluster share CGC-LoRA experts; clusters never touch
 
   - name: opposite

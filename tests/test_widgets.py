@@ -34,6 +34,11 @@ CONFIGS = {
     "q and v only": CGCConfig(n_common=1, n_specific=2, target_modules=["q_proj", "v_proj"]),
     "no gate": CGCConfig(n_common=1, n_specific=1, gate="none"),
 }
+# the rank one task sees, by hand: n_common * rank_common + n_specific * rank_specific (defaults:
+# 2 common and 1 specific expert of rank 4); every method of the experiment has 8 (the budget rule)
+ACTIVE_RANK = {"default": 2 * 4 + 1 * 4, "lora": 8, "per-task-lora": 8, "moelora": 4 * 2,
+               "cgc-1+n": 2 * 2 + 2 * 2, "shared gate": 3 * 4 + 1 * 4, "mixed ranks": 4 + 2 + 3 + 1,
+               "q and v only": 1 * 4 + 2 * 4, "no gate": 1 * 4 + 1 * 4}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,10 @@ def test_count_parameters_equals_a_real_injection(name, n_tasks):
     adapters = inject(model, config, [f"t{i}" for i in range(n_tasks)])
     assert counts["trainable"] == adapters.num_trainable()
     assert counts["adapted_layers"] == len(adapters.layers)
-    assert counts["active_rank"] == config.r_active
+    assert counts["active_rank"] == ACTIVE_RANK[name]
+    for task in range(n_tasks):  # and what each task of the built layers really sees
+        seen = {layer.export_factors(task)[0].shape[0] for layer in adapters.layers.values()}
+        assert seen == {ACTIVE_RANK[name]}
     assert counts["total_rank"] == next(iter(adapters.layers.values())).lora_A.shape[0]
     gate = sum(p.numel() for layer in adapters.layers.values() if layer.gate is not None
                for p in layer.gate.parameters())
@@ -194,7 +202,21 @@ def test_panel_slider_updates_the_count_to_a_real_injection_count(tokenizer, cla
     assert not panel.train_button.disabled
 
 
-def test_train_button_trains_scores_and_draws_leaving_the_model_as_it_was(tokenizer, classify_tasks):
+def test_train_button_trains_scores_and_draws_leaving_the_model_as_it_was(tokenizer, classify_tasks,
+                                                                        monkeypatch):
+    from cgclora_lite.evaluate import score_task
+
+    trained = []  # what the real train_and_score returned, answers included
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        trained.append({t: dict(s) for t, s in result["scores"].items()})
+        # known, distinct scores (a tiny random model scores 0 everywhere): the panel must show these
+        result["scores"]["topic"]["score"], result["scores"]["sentiment"]["score"] = 0.25, 0.75
+        return result
+
+    real = widgets.train_and_score
+    monkeypatch.setattr(widgets, "train_and_score", spy)
     model = tiny_model(seed=0)
     framework = OnePlusN(model, tokenizer, max_length=64)  # a cluster already in the model
     framework.add_cluster("classify", classify_tasks, CGCConfig(n_common=1, n_specific=1))
@@ -209,7 +231,17 @@ def test_train_button_trains_scores_and_draws_leaving_the_model_as_it_was(tokeni
 
     (run,) = panel.runs
     assert run.label == "#1 2c+2s r3" and run.config.rank_common == 3
-    assert set(run.scores) == {"topic", "sentiment"} and all(0 <= s <= 1 for s in run.scores.values())
+    # train_and_score's scores are those of the answers it generated (rescored here from the
+    # answers and the test targets: eval_limit=2 examples per task); the run shows them by task
+    (scored,) = trained
+    for task in classify_tasks:
+        answers = scored[task.name]["answers"]
+        assert len(answers) == 2
+        targets = [ex.target for ex in task.test[:2]]
+        assert scored[task.name]["score"] == score_task(task, answers, targets)["score"]
+    assert run.scores == {"topic": 0.25, "sentiment": 0.75}
+    assert panel.score_table().loc["#1 2c+2s r3", ["topic", "sentiment"]].tolist() == [0.25, 0.75]
+    assert "test scores topic 0.25, sentiment 0.75" in panel.status.value
     assert len(run.history) == 2 and run.trainable == panel.counts["trainable"]
     assert run.gates.weights.shape == (len(panel.shapes), 2, 2 + 2 * 2)
     assert torch.allclose(run.gates.weights.sum(-1), torch.ones(len(panel.shapes), 2))
