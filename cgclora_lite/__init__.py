@@ -33,6 +33,7 @@ fine-tuning: a real model on real tasks
     ``workflow``    your own tasks end to end: train a framework from a task file, evaluate, predict
 tools
     ``viz``         seaborn figures as pure functions
+    ``toy``         the seesaw toy of notebook 02: two tasks, every method, a training run in a second
     ``widgets``     ipywidgets panels for the notebooks
     ``bench``       benchmarks of the fused layer
     ``cli``         the command line: ``run`` (the run folder), ``export``, ``affinity``, ``bench``
@@ -52,7 +53,7 @@ LAYERS = {
     "fine-tuning": ["provenance", "models", "tasks", "taskfile", "data", "distributed", "train", "evaluate",
                     "stats", "hf", "launch"],
     "1+N": ["affinity", "modula", "framework", "experiment", "study", "workflow"],
-    "tools": ["viz", "widgets", "bench", "cli", "gpucheck", "__main__"],
+    "tools": ["viz", "toy", "widgets", "bench", "cli", "gpucheck", "__main__"],
 }
 """The package's modules in layer order: each may import only modules listed before it."""
 
