@@ -289,6 +289,12 @@ def seesaw_front(config: ToyConfig = ToyConfig(), mixes: Sequence[float] = (0.0,
     return pd.DataFrame(rows)
 
 
+def usable_experts(layer: CGCLoRALinear) -> torch.Tensor:
+    """(T, E) bool: which experts each task may use (its gate weight can still be 0, or underflow)."""
+    usable = torch.zeros(len(layer.tasks), len(layer.expert_slices), dtype=torch.bool)
+    return usable.scatter(1, layer.visible_experts.cpu(), True)
+
+
 def expert_updates(layer: CGCLoRALinear) -> torch.Tensor:
     """What each expert adds to each task's update, ``s w_{t,e} B_e A_e``: (T, E, D_out, D_in)."""
     with torch.no_grad():
@@ -303,7 +309,7 @@ def expert_alignment(run: ToyRun, tasks: ToyTasks) -> pd.DataFrame:
     (Frobenius) of the expert's update for that task with the shared part and with each task's own
     part, and its norm over the norm of the task's whole target update."""
     updates = expert_updates(run.layer)  # (T, E, D, D)
-    usable = run.gates.weights[0] > 0  # (T, E)
+    usable = usable_experts(run.layer)  # (T, E)
 
     def cos(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))

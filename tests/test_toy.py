@@ -1,4 +1,4 @@
-"""The seesaw toy (``toy``).
+"""The seesaw toy (``toy``) and its live panel (``widgets.ToyPanel``).
 
 The behavioural checks (who beats whom, the front's shape, the division of labour, the fast gate)
 held for every seed tried when they were written (seeds 0-2, and 0-5 for the fast gate); they run
@@ -7,13 +7,24 @@ here on two seeds each.
 
 import math
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 
-from cgclora_lite import CGCLoRALinear, toy
+from cgclora_lite import CGCLoRALinear, toy, widgets
 
+matplotlib.use("Agg")
+pytestmark = pytest.mark.filterwarnings("ignore:FigureCanvasAgg is non-interactive")
 SEEDS = (0, 1)
+SMALL = toy.ToyConfig(steps=40, n_train=64, n_test=64, eval_every=10)  # for the panel's wiring
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
 
 
 # --- the tasks and the methods -------------------------------------------------------------------
@@ -109,6 +120,7 @@ def test_a_run_records_curves_gates_contributions_and_leaves_the_random_state_al
     assert torch.allclose(run.gates.weights.sum(-1), torch.ones(1, 2)) and run.gates.total == 1
     assert torch.allclose(run.contributions.weights.sum(-1), torch.ones(1, 2))
     assert run.gates.weights[0, 0, 2] == 0 and run.contributions.weights[0, 1, 1] == 0  # no access
+    assert toy.usable_experts(run.layer).tolist() == [[True, True, False], [True, False, True]]
     assert run.trainable == 2 * 3 * config.rank * config.dim + (2 + 2) * 8  # experts + gate (T*D + K*D)
     again = toy.train(config, "cgc-lora")  # deterministic
     assert again.losses == run.losses and torch.equal(again.gates.weights, run.gates.weights)
@@ -179,3 +191,57 @@ def test_a_gate_30_times_faster_saturates_and_stalls(seed):
     run = toy.train(config, "cgc-lora")
     assert run.gates.weights.max() > 0.99 and max(run.losses.values()) > 0.1
     assert max(toy.train(config, "cgc-frozen-gate").losses.values()) < 0.01  # the gate's rate is all
+
+
+# --- the panel -----------------------------------------------------------------------------------
+
+def test_the_panel_trains_at_the_start_and_draws_losses_gates_and_contributions():
+    panel = widgets.ToyPanel(SMALL)
+    (run,) = panel.runs
+    assert run.method == "cgc-lora" and run.config == SMALL
+    assert panel.status.value.startswith("run #1, cgc-lora: held-out loss A ")
+    (fig,) = panel.figures
+    loss_ax, gate_ax, share_ax = fig.axes
+    assert loss_ax.get_ylim() == pytest.approx((1e-4, 3)) and len(loss_ax.get_lines()) == 3  # A, B, 1
+    for ax, values, top in ((gate_ax, run.gates, 1.0), (share_ax, run.contributions, 1.0)):
+        (image,) = ax.images
+        assert (image.norm.vmin, image.norm.vmax) == (0, top)  # fixed, whatever the values
+        shown = sorted(float(t.get_text()) for t in ax.texts)
+        assert shown == sorted(round(v, 2) for v in values.weights[0][toy.usable_experts(run.layer)].tolist())
+    for widget, key in ((panel, "toy_panel"), (panel.conflict_slider, "toy_conflict"),
+                        (panel.train_button, "toy_train"), (panel.plot, "toy_plot")):
+        assert widgets.CLASSES[key] in widget._dom_classes  # what a browser test finds
+
+
+def test_changing_a_control_retrains_with_it_and_the_table_follows():
+    panel = widgets.ToyPanel(SMALL)
+    first = panel.figures[0]
+    panel.conflict_slider.value = 0.0
+    panel.common_slider.value = 2
+    panel.method_dropdown.value = "moelora"
+    panel.gate_lr_slider.value = 10.0
+    assert len(panel.runs) == 5 and panel.figures[0] is not first
+    assert plt.get_fignums() == []  # its figures are not pyplot's: nothing piles up or shows twice
+    last = panel.runs[-1]
+    assert last.method == "moelora"
+    assert (last.config.conflict, last.config.n_common, last.config.gate_lr_scale) == (0.0, 2, pytest.approx(10.0))
+    assert last.gates.weights.shape == (1, 2, 3)  # 3 shared experts of rank 2: the same active rank 6
+    table = panel.run_table()
+    assert list(table.index) == [1, 2, 3, 4, 5] and list(table["method"])[-2:] == ["moelora", "moelora"]
+    assert table.loc[5, "loss A"] == last.losses["A"] and table.loc[2, "conflict"] == 0.0
+    assert panel.status.value.startswith("run #5, moelora")
+    panel.train_button.click()  # Retrain: the same configuration again, the same numbers
+    assert len(panel.runs) == 6 and panel.runs[-1].losses == last.losses
+
+
+def test_an_invalid_configuration_says_so_and_trains_nothing():
+    panel = widgets.ToyPanel(SMALL, method="per-task-lora", auto=False)
+    assert panel.runs == [] and panel.figures == []
+    panel.common_slider.value, panel.specific_slider.value = 0, 0  # no training: auto is off
+    assert panel.train() is None and panel.runs == []
+    assert "Not a valid configuration" in panel.status.value
+    panel.specific_slider.value = 1
+    run = panel.train()
+    assert run is not None and run.method == "per-task-lora" and run.gates.total == 1
+    with pytest.raises(ValueError, match="unknown toy method"):
+        widgets.ToyPanel(SMALL, method="nope")
