@@ -1,16 +1,18 @@
-"""A real browser runs notebook 04 in JupyterLab, moves a slider and presses Train.
+"""A real browser runs notebook 04 in JupyterLab, moves sliders and presses Train.
 
 What only a browser shows: the widgets render from the kernel's messages (the JupyterLab widget
 extension is installed and speaks the kernel's protocol version), a keyboard move of a slider
 reaches the kernel and the parameter count comes back, and a press of Train trains and draws new
-figures into the page. Debian's ``chromium`` is driven by ``playwright`` (its own browser download,
+figures into the page; a keyboard move of the toy panel's conflict slider retrains the toy and
+redraws its figure and run table, and so does its Retrain button. Debian's ``chromium`` is driven by ``playwright`` (its own browser download,
 ``playwright install``, is never used); ``make browser-deps`` installs both. Without them the test
 skips, except under CI (``CI`` set), where it fails.
 
 The notebook runs in fast mode (``CGCLORA_FAST=1``) from a temporary copy, against a JupyterLab
 with its own settings (all cells attached to the page, no news) and a random token. A screenshot
-of the panel after training is saved to ``test-artifacts/browser_04.png`` (and one of the gate
-explorer to ``browser_04_explorer.png``; on failure, the page to ``browser_04_failure.png``).
+of the panel after training is saved to ``test-artifacts/browser_04.png`` (one of the gate
+explorer to ``browser_04_explorer.png``, one of the toy panel to ``browser_04_toy.png``; on
+failure, the page to ``browser_04_failure.png``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ LAB_SETTINGS = {  # JupyterLab user settings for the test server
 }
 RUN_ALL_SECONDS = 600  # the whole notebook in fast mode, model load included; 40 s to 4.5 min measured
 TRAIN_SECONDS = 300  # one press of Train in fast mode; about 10 s when quiet
+TOY_SECONDS = 60  # one retraining of the toy panel: 1-2 s measured on a busy machine
 
 
 def _require_browser() -> None:
@@ -126,8 +129,10 @@ PROMPTS_DONE = """() => {
     return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t));
 }"""
 IMAGES = "(selector) => [...document.querySelectorAll(selector + ' img')].map(i => i.src)"
-IMAGES_PAINTED = """() => [...document.querySelectorAll('.cgclora-gate-plot img, .cgclora-panel-plot img')]
+IMAGES_PAINTED = """() => [...document.querySelectorAll(
+    '.cgclora-gate-plot img, .cgclora-panel-plot img, .cgclora-toy-plot img')]
     .every(i => i.complete && i.naturalHeight > 0)"""
+TOY_RUN = """(n) => new RegExp(`run #${n}, `).test(document.querySelector('.cgclora-toy-status').innerText)"""
 
 
 def _counts(text: str) -> tuple[int, int]:
@@ -146,6 +151,31 @@ def _screenshot(page, selector: str, path: Path) -> None:
     box = element.bounding_box()
     page.screenshot(path=str(path), clip={"x": box["x"], "y": box["y"], "width": box["width"],
                                           "height": min(box["height"], 2200 - box["y"])})
+
+
+def _check_toy_panel(page) -> None:
+    """The toy panel, after the notebook's own cells drove it: a keyboard move of its conflict
+    slider reaches the kernel, which retrains the toy; the status, the figure and the run table
+    follow. Then its Retrain button does the same."""
+    status = page.locator(".cgclora-toy-status")
+    runs = int(re.search(r"run #(\d+), ", status.inner_text()).group(1))
+    figure = page.evaluate(IMAGES, ".cgclora-toy-plot")
+    assert len(figure) == 1, figure
+    conflict = page.locator(".cgclora-toy-conflict")
+    old = float(conflict.locator(".widget-readout").inner_text())
+    conflict.locator(".noUi-handle").focus()
+    page.keyboard.press("ArrowLeft")  # one step of 0.05
+    page.wait_for_function(TOY_RUN, arg=runs + 1, timeout=TOY_SECONDS * 1000)
+    assert float(conflict.locator(".widget-readout").inner_text()) == pytest.approx(old - 0.05)
+    assert re.search(rf"run #{runs + 1}, cgc-lora: held-out loss A [\d.e-]+, B [\d.e-]+; [\d,]+ parameters",
+                    status.inner_text()), status.inner_text()
+    page.wait_for_function(f"(old) => JSON.stringify(({IMAGES})('.cgclora-toy-plot')) !== JSON.stringify(old)",
+                           arg=figure, timeout=20_000)
+    rows = page.locator(".cgclora-toy-plot table tbody tr")
+    rows.first.wait_for(timeout=20_000)
+    assert rows.count() == min(runs + 1, 8)  # the latest runs, up to ToyPanel.SHOWN_RUNS
+    page.locator("button.cgclora-toy-train").click()  # Retrain: the same configuration once more
+    page.wait_for_function(TOY_RUN, arg=runs + 2, timeout=TOY_SECONDS * 1000)
 
 
 def test_notebook_04_in_a_real_browser(lab, tmp_path):
@@ -168,6 +198,8 @@ def test_notebook_04_in_a_real_browser(lab, tmp_path):
             state = page.wait_for_function(PROMPTS_DONE, timeout=RUN_ALL_SECONDS * 1000).json_value()
             assert state is True, f"a notebook cell failed in the browser:\n{state}"
             ran_all = time.monotonic() - start
+
+            _check_toy_panel(page)  # the toy panel, near the top of the notebook
 
             # A keyboard move of the rank slider: the count comes back from the kernel.
             count = page.locator(".cgclora-param-count")
@@ -205,6 +237,7 @@ def test_notebook_04_in_a_real_browser(lab, tmp_path):
             page.wait_for_function(IMAGES_PAINTED, timeout=20_000)
             _screenshot(page, ".cgclora-expert-panel", ARTIFACTS / "browser_04.png")
             _screenshot(page, ".cgclora-gate-explorer", ARTIFACTS / "browser_04_explorer.png")
+            _screenshot(page, ".cgclora-toy-panel", ARTIFACTS / "browser_04_toy.png")
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "browser_04_failure.png"))
             print(f"jupyter log (end):\n{log.read_text()[-4000:]}")
