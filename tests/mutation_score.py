@@ -1,6 +1,13 @@
 """Mutation scores per module from mutmut's results (``make mutation`` prints them).
 
-    python tests/mutation_score.py            # after `mutmut run`, in the repository root
+    mutmut run $(python tests/mutation_score.py --patterns)   # the mutants in SCOPE
+    python tests/mutation_score.py                             # their scores, per module
+
+``SCOPE`` is what the scores cover: the functions that produce the experiment's numbers (task
+routing; parsing and scoring answers; the schedule and the step split; the task-balanced sampler;
+the budget rule and the seesaw table). mutmut mutates whole files; the mutants of functions that
+drive a real training run would each need one (those run end to end in the slow tests), and
+torchrun's sharding is tested by launching torchrun, which mutmut's test selection cannot follow.
 
 Reads ``mutants/cgclora_lite/<module>.py.meta`` (mutmut 3) and prints a Markdown table: mutants,
 killed (a test failed, crashed or timed out), survived (every test passed), not covered (no selected
@@ -8,9 +15,38 @@ test runs the function), and the score = killed / mutants. Survivors: ``mutmut s
 """
 
 import collections
+import fnmatch
 import json
 import sys
 from pathlib import Path
+
+
+SCOPE = {  # module: functions (methods as Class.method; a class name alone: all its methods)
+    "routing": ["TaskRouter"],
+    "evaluate": ["_is_word_char", "first_word", "parse_label", "label_scores", "_is_punctuation",
+                 "normalize_answer", "exact_match", "token_f1", "_is_cjk", "RougeTokenizer",
+                 "rouge_l_each", "rouge_l", "score_task", "_check_lengths"],
+    "train": ["TrainConfig", "proportional_steps", "lr_factor", "answer_tokens"],
+    "data": ["TaskBalancedSampler"],
+    "experiment": ["method_config", "method_clusters", "cluster_batches", "train_config",
+                   "per_example", "_scored", "seesaw_table"],
+}
+
+
+def patterns() -> list[str]:
+    """mutmut's mutant-name globs for SCOPE (a method's mutants: ``module.xǁClassǁmethod__mutmut_N``)."""
+    globs = []
+    for module, names in SCOPE.items():
+        for name in names:
+            if name[0].isupper():
+                globs.append(f"cgclora_lite.{module}.xǁ{name}ǁ*")
+            else:
+                globs.append(f"cgclora_lite.{module}.x_{name}__mutmut_*")
+    return globs
+
+
+def in_scope(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, glob) for glob in patterns())
 
 
 def scores(root: Path = Path("mutants")) -> dict[str, collections.Counter]:
@@ -18,9 +54,10 @@ def scores(root: Path = Path("mutants")) -> dict[str, collections.Counter]:
 
     by_module = {}
     for meta in sorted(root.glob("cgclora_lite/**/*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"].values()
-        by_module[meta.name.removesuffix(".py.meta")] = collections.Counter(
-            status_by_exit_code[code] for code in codes)
+        results = json.loads(meta.read_text())["exit_code_by_key"]
+        counts = collections.Counter(status_by_exit_code[code] for key, code in results.items() if in_scope(key))
+        if counts:
+            by_module[meta.name.removesuffix(".py.meta")] = counts
     return by_module
 
 
@@ -36,6 +73,9 @@ def table(by_module: dict[str, collections.Counter]) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--patterns"]:
+        print(" ".join(patterns()))
+        sys.exit()
     found = scores()
     if not found:
         sys.exit("no mutmut results under mutants/: run `make mutation` (or `mutmut run`) first")
