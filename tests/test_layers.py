@@ -86,3 +86,17 @@ print(json.dumps(problems))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_architecture_page_lists_exactly_the_layers():
+    """docs/architecture.md's table: one row per module of LAYERS, in order, with its layer."""
+    import re
+    from pathlib import Path
+
+    import cgclora_lite
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+    rows = re.findall(r"^\| ([\w+-]+) \| `(\w+)` \|", page.read_text(encoding="utf-8"), flags=re.M)
+    listed = [(layer, module) for layer, modules in cgclora_lite.LAYERS.items() for module in modules
+              if not module.startswith("_")]
+    assert rows == listed
