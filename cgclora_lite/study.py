@@ -173,6 +173,7 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
     out.parent.mkdir(parents=True, exist_ok=True)
     study = {"provenance": provenance(model, seeds=list(seeds)), "preset": asdict(preset),
              "seeds": list(seeds), "arms": []}
+    loaded_commit = study["provenance"]["git_commit"]
     previous = out.with_suffix(".json")
     if previous.is_file():
         saved = json.loads(previous.read_text())
@@ -199,9 +200,10 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
                 "contributions": {c: g.weights.mean(0).tolist()
                                   for c, g in result.get("contributions", {}).items()},
             })
-        stamp = provenance(model)
-        study["arms"].append({**asdict(arm), "runs": runs, "git_commit": stamp["git_commit"],
-                              "date": stamp["date"]})
+        # the code that ran is the code this process loaded: the commit when it started (a
+        # commit made while a long study runs does not change what it runs)
+        study["arms"].append({**asdict(arm), "runs": runs, "git_commit": loaded_commit,
+                              "date": provenance(model)["date"]})
         study["total_seconds"] = time.perf_counter() - start
         out.with_suffix(".json").write_text(json.dumps(study, indent=1) + "\n")
         out.with_suffix(".md").write_text(report(study))
@@ -245,6 +247,8 @@ def report(study: dict) -> str:
         "recorded, teacher-forced, mean over seeds (the selection criterion; test scores are "
         "reported only).", "",
     ]
+    if study.get("note"):
+        lines += [study["note"], ""]
     for group in dict.fromkeys(a["group"] for a in study["arms"]):
         lines += [f"## {group}", ""] + _table([a for a in study["arms"] if a["group"] == group], boot_for) + [""]
     return "\n".join(lines) + "\n"

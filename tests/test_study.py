@@ -42,5 +42,8 @@ def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuil
     run = saved["arms"][0]["runs"][0]
     assert set(run["val_loss"]) == {"sentiment", "flipped"} and set(run["scores"]) == {"sentiment", "flipped"}
     assert out.with_suffix(".md").read_text() == report(saved) == report(study)
+    assert {a["git_commit"] for a in saved["arms"]} == {saved["provenance"]["git_commit"]}  # what ran
     with pytest.raises(ValueError, match="no gate group"):
         best_gate(saved)
+    saved["note"] = "A note on how this study ran."
+    assert "\n\nA note on how this study ran.\n\n## control" in report(saved)
