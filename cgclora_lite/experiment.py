@@ -85,7 +85,7 @@ class Preset:
     alpha: float = 16.0
     warmup: float = 0.1
     seed: int = 0
-    gate_norm: str = "softmax"  # the paper's; the study's gate group has yet to choose (docs/experiment.md)
+    gate_norm: str = "softmax"  # the paper's; kept by the study's gate group on validation loss (docs/experiment.md)
     gate_lr_scale: float = 1.0
 
 
