@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup browser-deps demo gpu-check test test-fast test-slow test-notebooks lab clean
+.PHONY: setup browser-deps demo gpu-check mutation test test-fast test-slow test-notebooks lab clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,15 @@ gpu-check: $(STAMP)
 # A cell that runs past 10 minutes fails (fast-mode cells take seconds): a hung kernel must not
 # stall CI until its overall limit.
 NBVAL := CGCLORA_FAST=1 CGCLORA_AMP=0 $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-cell-timeout=600 notebooks/
+
+# Mutation testing of the functions that produce the numbers (SCOPE in tests/mutation_score.py,
+# [tool.mutmut] in pyproject.toml); not part of `make test`: slow (each mutant re-runs the fast tests
+# that reach it, one to tens of seconds). Scores and judged survivors: docs/testing.md.
+mutation: $(STAMP)
+	$(PIP) install -q mutmut==3.8.1
+	rm -rf mutants
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $$($(BIN)/python tests/mutation_score.py --patterns)
+	$(BIN)/python tests/mutation_score.py
 
 test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest tests
