@@ -121,6 +121,13 @@ def test_another_reference_names_its_columns_and_the_report_follows():
 
 # --- missing scores ------------------------------------------------------------------------------
 
+def test_a_run_without_a_parameter_count_shows_zero_trainable_parameters():
+    zero_shot = _run({"t1": [0.0] * 4})
+    del zero_shot["trainable_parameters"]
+    table = seesaw_table({REFERENCE: [_run({"t1": [1.0] * 4}, params=9)], "base (zero-shot)": [zero_shot]})
+    assert table.loc["base (zero-shot)", "trainable params"] == 0 and table.loc[REFERENCE, "trainable params"] == 9
+
+
 def test_a_missing_score_is_skipped_in_the_means_and_never_a_loss():
     ones, zeros = [1.0] * 20, [0.0] * 20
     runs = {

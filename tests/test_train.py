@@ -220,6 +220,8 @@ def test_proportional_steps_uses_largest_remainders_and_gives_every_part_a_step(
     assert proportional_steps(10, {"a": 1, "b": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}  # tie: first
     assert proportional_steps(10, {"a": 0.26, "b": 0.74}) == {"a": 3, "b": 7}  # 2.6, 7.4: a's .6 wins
     assert proportional_steps(3, {"a": 100, "b": 1, "c": 1}) == {"a": 1, "b": 1, "c": 1}  # the minimum
+    # raw 0.31 / 0.62 / 3.08: the one-step minimum lifts a and b, the largest part gives one back
+    assert proportional_steps(4, {"a": 1, "b": 2, "c": 10}) == {"a": 1, "b": 1, "c": 2}
     assert sum(proportional_steps(97, {"a": 3, "b": 5, "c": 7}).values()) == 97
     with pytest.raises(ValueError, match="at least 3 steps"):
         proportional_steps(2, {"a": 1, "b": 1, "c": 1})
