@@ -62,13 +62,14 @@ def scores(root: Path = Path("mutants")) -> dict[str, collections.Counter]:
 
 
 def table(by_module: dict[str, collections.Counter]) -> str:
-    rows = ["| module | mutants | killed | survived | not covered | not run | score |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| module | mutants | killed | survived | not covered | not run | score | score of those run |",
+            "|---|---|---|---|---|---|---|---|"]
     for module, counts in by_module.items():
         total = sum(counts.values())
         killed = counts["killed"] + counts["timeout"] + counts["segfault"]
         rows.append(f"| {module}.py | {total} | {killed} | {counts['survived']} | {counts['no tests']} "
-                    f"| {counts['not checked']} | {killed / total:.0%} |")
+                    f"| {counts['not checked']} | {killed / total:.0%} "
+                    f"| {killed / max(total - counts['not checked'], 1):.0%} |")
     return "\n".join(rows)
 
 

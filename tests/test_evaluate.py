@@ -47,6 +47,8 @@ def test_squad_style_exact_match_and_token_f1():
     assert token_f1("Paris, France", "Paris") == pytest.approx(2 * 0.5 * 1 / 1.5)
     assert token_f1("London", "Paris") == 0.0
     assert token_f1("", "") == 1.0
+    assert token_f1("x y z", "x y w") == pytest.approx(2 / 3)  # precision = recall = 2/3
+    assert token_f1("x", "x y z w") == pytest.approx(2 * 1 * 0.25 / 1.25)  # precision 1, recall 1/4
 
 
 def test_rouge_l_known_values():
@@ -54,6 +56,12 @@ def test_rouge_l_known_values():
     # LCS "the cat on the mat" = 5 of 6 tokens both ways
     assert rouge_l(["the cat was on the mat"], ["the cat sat on the mat"]) == pytest.approx(5 / 6)
     assert rouge_l(["a b", "x"], ["a b", "y"]) == pytest.approx(0.5)
+
+
+def test_score_task_averages_rouge_over_answers():
+    headline = Task("headline", "generate", "Headline: {input}", "rouge_l")
+    result = score_task(headline, ["a b", "x"], ["a b", "y"])
+    assert result["per_example"] == pytest.approx([1.0, 0.0]) and result["score"] == pytest.approx(0.5)
 
 
 def test_score_task_picks_the_headline_metric():

@@ -221,3 +221,14 @@ def test_results_md_agrees_with_metrics_json(tmp_path):
     assert checked == 4 * 4 - 1  # cgc-1+n's headline is n/a (its average and change: topic's)
     assert rows["cgc-1+n"][2] == "n/a" and "seeds [0, 1]" in markdown
     assert "test examples: topic 30, headline 12" in markdown
+
+
+def test_train_config_takes_every_training_setting_from_the_preset():
+    from dataclasses import replace
+
+    from cgclora_lite.experiment import train_config
+
+    preset = replace(PRESETS["tiny"], lr=0.123, warmup=0.25, eval_every=3, seed=7)
+    config = train_config(preset)
+    assert (config.steps, config.lr, config.warmup, config.eval_every, config.seed) == \
+        (preset.steps, 0.123, 0.25, 3, 7)
