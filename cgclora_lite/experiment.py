@@ -288,14 +288,6 @@ def _run_modula(method: str, model, tokenizer, tasks: Sequence[Task], preset: Pr
     return result
 
 
-def per_example(runs: dict[str, list[dict]]) -> dict[str, dict[str, np.ndarray]]:
-    """``{method: {task: (seeds, examples) array}}`` of the headline metric of every test answer,
-    from ``{method: [one run_method result per seed]}``."""
-    return {method: {task: np.array([r["scores"][task]["per_example"] for r in results])
-                     for task in results[0]["scores"]}
-            for method, results in runs.items()}
-
-
 def _scored(results: list[dict], task: str) -> np.ndarray | None:
     """A method's (seeds, examples) values of ``task``, or None when its score is missing: some
     seed has no score for the task, or a value is NaN."""

@@ -29,7 +29,7 @@ SCOPE = {  # module: functions (methods as Class.method; a class name alone: all
     "train": ["TrainConfig", "proportional_steps", "lr_factor", "answer_tokens"],
     "data": ["TaskBalancedSampler"],
     "experiment": ["method_config", "method_clusters", "cluster_batches", "train_config",
-                   "per_example", "_scored", "seesaw_table"],
+                   "_scored", "seesaw_table"],
 }
 
 
