@@ -392,6 +392,14 @@ class CGCLoRALinear(AdaptedLinear):
         ]).clamp_min(0).sqrt()  # (E,)
         return self.scaling * self.expert_weights().abs() * norms  # (T, E)
 
+    @torch.no_grad()
+    def contribution_shares(self) -> torch.Tensor:
+        """``expert_contributions`` as each task's shares: (T, E), rows summing to 1 (0 everywhere
+        while every B is still zero, before training)."""
+        norms = self.expert_contributions()  # (T, E)
+        totals = norms.sum(-1, keepdim=True)  # (T, 1)
+        return torch.where(totals > 0, norms / totals.clamp_min(1e-30), torch.zeros_like(norms))
+
     def rank_coefficients(self) -> torch.Tensor:
         """``c[t, col] = s * w_{t, expert(col)}``: the gate moved to rank space, (T, R), fp32."""
         return self.scaling * self.expert_weights()[:, self.expert_of_column]  # (T, R)
@@ -603,4 +611,3 @@ class CGCLoRALinear(AdaptedLinear):
             f"{super().extra_repr()}, tasks={len(self.tasks)}, common={list(c.common_ranks)}, "
             f"specific={list(c.specific_ranks)}, gate={c.gate}"
         )
-

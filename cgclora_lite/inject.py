@@ -144,9 +144,7 @@ class CGCAdapters(AdapterSet):
         is still zero, before training). Unlike gate weights, shares say which experts a task
         relies on: a gate weight can be traded against the size of an expert's B.
         """
-        norms = torch.stack([layer.expert_contributions() for layer in self.layers.values()])  # (L, T, E)
-        totals = norms.sum(-1, keepdim=True)  # (L, T, 1)
-        shares = torch.where(totals > 0, norms / totals.clamp_min(1e-30), torch.zeros_like(norms))
+        shares = torch.stack([layer.contribution_shares() for layer in self.layers.values()])  # (L, T, E)
         return GateWeights(shares.cpu(), list(self.layers), list(self.tasks),
                            expert_names(self.config, self.tasks), value="contribution share")
 

@@ -209,13 +209,6 @@ def relative_losses(layer: CGCLoRALinear, tasks: ToyTasks) -> torch.Tensor:
         return ((out - tasks.test_y) ** 2).mean(dim=(1, 2)) / tasks.base_loss
 
 
-def _shares(layer: CGCLoRALinear) -> torch.Tensor:
-    """Each expert's share of each task's update (T, E), rows sum to 1 (0 while every B is 0)."""
-    norms = layer.expert_contributions()  # (T, E): |s w_{t,e}| ||B_e A_e||_F
-    totals = norms.sum(-1, keepdim=True)
-    return torch.where(totals > 0, norms / totals.clamp_min(1e-30), torch.zeros_like(norms))
-
-
 def train(config: ToyConfig = ToyConfig(), method: str = "cgc-lora", tasks: ToyTasks | None = None,
           mix: Sequence[float] | None = None) -> ToyRun:
     """Train one fresh adapter of ``method`` on the toy tasks and score it.
@@ -262,8 +255,8 @@ def train(config: ToyConfig = ToyConfig(), method: str = "cgc-lora", tasks: ToyT
         total = 1.0 if softmax else float(layer.visible_experts.shape[1])  # what a task's row sums to
         gates = GateWeights(layer.expert_weights()[None].float(), ["toy layer"], list(TASKS),
                             layer.expert_names, total=total)
-        contributions = GateWeights(_shares(layer)[None], ["toy layer"], list(TASKS), layer.expert_names,
-                                    value="contribution share")
+        contributions = GateWeights(layer.contribution_shares()[None], ["toy layer"], list(TASKS),
+                                    layer.expert_names, value="contribution share")
     curves = pd.DataFrame(curves)
     final = curves[curves["step"] == curves["step"].max()]
     trainable = sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("base."))
