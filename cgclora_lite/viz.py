@@ -23,12 +23,23 @@ from .inject import GateWeights
 
 
 def score_bars(scores: pd.DataFrame, title: str = "Test score per task and method") -> plt.Figure:
-    """Grouped bars: ``scores`` has columns ``task``, ``method``, ``score`` (one row each)."""
+    """Grouped bars: ``scores`` has columns ``task``, ``method``, ``score`` (one row each), and
+    optionally ``low`` and ``high``: an interval drawn as an error bar on each bar."""
     missing = {"task", "method", "score"} - set(scores.columns)
     if missing:
         raise ValueError(f"scores needs columns task, method, score; missing {sorted(missing)}")
-    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * scores["task"].nunique(), 4.2))
-    sns.barplot(data=scores, x="task", y="score", hue="method", ax=ax, palette="colorblind")
+    tasks, methods = list(pd.unique(scores["task"])), list(pd.unique(scores["method"]))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(tasks), 4.2))
+    sns.barplot(data=scores, x="task", y="score", hue="method", order=tasks, hue_order=methods,
+                errorbar=None, ax=ax, palette="colorblind")
+    if {"low", "high"} <= set(scores.columns):
+        for method, bars in zip(methods, ax.containers):  # one container of bars per method
+            rows = scores[scores["method"] == method].set_index("task")
+            for bar in bars:
+                center = bar.get_x() + bar.get_width() / 2
+                row = rows.loc[tasks[round(center)]]  # task i's bars sit around x = i
+                ax.errorbar(center, row["score"], yerr=[[row["score"] - row["low"]], [row["high"] - row["score"]]],
+                            fmt="none", ecolor="black", capsize=3, lw=1)
     ax.set(ylim=(0, 1), xlabel="", ylabel="score (accuracy / ROUGE-L / exact match)", title=title)
     ax.legend(title="method", fontsize=8, title_fontsize=9, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()

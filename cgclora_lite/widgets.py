@@ -2,12 +2,13 @@
 
 * ``GateExplorer``: dropdowns over clusters' gate weights (cluster, task, module kind, layer) and
   two heatmaps that follow them: task x expert for one layer (or the mean over layers), and
-  layer x expert for one task.
+  layer x expert for one task; a toggle shows the experts' contribution shares instead.
 * ``ExpertPanel``: sliders for the number of common and specific experts and their rank, the
   parameter count of that configuration (updated as a slider moves, computed from layer shapes by
-  ``inject.count_parameters``), and a Train button that trains fresh adapters of that configuration
-  (``experiment.train_and_score``: ``OnePlusN`` + ``train`` + ``evaluate``), then draws their gate weights
-  and the test score of every run so far.
+  ``inject.count_parameters``), the training steps, the gate options and the number of seeds, and a
+  Train button that trains fresh adapters of that configuration once per seed
+  (``experiment.train_and_score``: ``OnePlusN`` + ``train`` + ``evaluate``), then draws their gate
+  weights and the test score of every run so far with its 95% bootstrap interval (``stats``).
 * ``ToyPanel``: the toy of notebook 02 (``toy``), retrained live in about a second whenever a control
   changes (conflict between the tasks, K_c, K_s, rank, steps, the gate's learning-rate scale, seed,
   method), with its per-task losses, gate weights and expert contribution shares on fixed ranges.
@@ -29,14 +30,16 @@ import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 from . import toy, viz
 from .adapters import set_aside
-from .cgc import CGCConfig
+from .cgc import GATE_NORMS, CGCConfig
 from .experiment import train_and_score
 from .inject import GateWeights, count_parameters, target_shapes
+from .stats import Bootstrap, Interval
 from .tasks import Task
 from .train import TrainConfig
 
@@ -44,12 +47,18 @@ MEAN = "mean over layers"
 """The layer dropdown's first choice: the gate weights averaged over all layers shown."""
 ALL_MODULES = "all modules"
 """The module dropdown's first choice: no filter on the kind of module."""
+GATE_VIEW, CONTRIBUTION_VIEW = "gate weights", "contribution shares"
+"""The explorer's two views: the gate weights w_t, or each expert's share of a task's update."""
+GATE_LR_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0)
+"""The expert panel's choices of the gate's learning-rate multiplier (``CGCConfig.gate_lr_scale``)."""
 CLASSES = {
     "explorer": "cgclora-gate-explorer", "cluster": "cgclora-cluster", "task": "cgclora-task",
     "module": "cgclora-module", "layer": "cgclora-layer", "gate_plot": "cgclora-gate-plot",
     "panel": "cgclora-expert-panel", "common": "cgclora-common-experts",
     "specific": "cgclora-specific-experts", "rank": "cgclora-rank", "count": "cgclora-param-count",
     "train": "cgclora-train", "status": "cgclora-train-status", "panel_plot": "cgclora-panel-plot",
+    "view": "cgclora-view", "steps": "cgclora-steps", "gate_norm": "cgclora-gate-norm",
+    "gate_lr": "cgclora-gate-lr", "seeds": "cgclora-seeds",
     "toy_panel": "cgclora-toy-panel", "toy_method": "cgclora-toy-method", "toy_conflict": "cgclora-toy-conflict",
     "toy_common": "cgclora-toy-common", "toy_specific": "cgclora-toy-specific", "toy_rank": "cgclora-toy-rank",
     "toy_steps": "cgclora-toy-steps", "toy_gate_lr": "cgclora-toy-gate-lr", "toy_seed": "cgclora-toy-seed",
@@ -72,9 +81,12 @@ def _tag(widget: W.DOMWidget, key: str) -> W.DOMWidget:
 class PanelRun:
     """One press of an ``ExpertPanel``'s Train button: the configuration and what it gave.
 
-    ``gates`` is None for an ungated configuration; ``scores`` maps task name -> headline test
-    score; ``history`` is the training log (one dict per step); ``trainable`` counts parameters;
-    ``seconds`` is the training plus scoring time.
+    ``seeds``: the training seeds, one run each (the adapters' initial values and the batches).
+    ``gates`` and ``contributions``: their mean over the seeds (None for an ungated configuration).
+    ``scores``: task name -> headline test score, the mean over the seeds; ``intervals``: task name
+    -> its 95% bootstrap interval over test examples and seeds (``stats.Bootstrap``).
+    ``history``: the first seed's training log (one dict per step); ``trainable`` counts
+    parameters; ``seconds`` is the training plus scoring time of every seed.
     """
 
     label: str
@@ -84,6 +96,17 @@ class PanelRun:
     history: list[dict]
     trainable: int
     seconds: float
+    steps: int = 0
+    seeds: tuple[int, ...] = (0,)
+    intervals: dict[str, Interval] | None = None
+    contributions: GateWeights | None = None
+
+
+def mean_gates(runs: Sequence[GateWeights]) -> GateWeights:
+    """The element-wise mean of several runs' ``GateWeights`` (same layers, tasks and experts)."""
+    first = runs[0]
+    weights = torch.stack([g.weights for g in runs]).mean(0)  # (layer, task, expert)
+    return replace(first, weights=weights)
 
 
 # --- the gate explorer -------------------------------------------------------------------------
@@ -94,6 +117,11 @@ class GateExplorer(W.VBox):
     Args:
         gates: ``{cluster name: GateWeights}`` (e.g. ``adapters.gate_weights()`` of each cluster,
             or of one cluster before and after training), or a single ``GateWeights``.
+        contributions: ``{cluster name: GateWeights}`` of contribution shares
+            (``adapters.expert_contributions()``: each expert's share of a task's update,
+            ``|s w_{t,e}| ||B_e A_e||_F`` over the task's sum) for some or all of the clusters. The
+            ``view`` toggle switches between gate weights and contribution shares; a cluster
+            without shares shows its gate weights, and its titles say so.
 
     The figures: ``viz.gate_heatmap`` (task x expert) of the chosen layer or the mean over the
     layers of the chosen module kind, and ``viz.layer_gate_heatmap`` (layer x expert) of the
@@ -102,12 +130,20 @@ class GateExplorer(W.VBox):
     ``viz.MAX_ANNOTATED_ROWS`` layers.
     """
 
-    def __init__(self, gates: Mapping[str, GateWeights] | GateWeights):
+    def __init__(self, gates: Mapping[str, GateWeights] | GateWeights,
+                 contributions: Mapping[str, GateWeights] | GateWeights | None = None):
         super().__init__()
         self.gates: dict[str, GateWeights] = (
             {"cluster": gates} if isinstance(gates, GateWeights) else dict(gates))
         if not self.gates:
             raise ValueError("GateExplorer needs the gate weights of at least one cluster")
+        self.contributions: dict[str, GateWeights] = (
+            {next(iter(self.gates)): contributions} if isinstance(contributions, GateWeights)
+            else dict(contributions or {}))
+        unknown = sorted(set(self.contributions) - set(self.gates))
+        if unknown:
+            raise ValueError(f"contributions of clusters {unknown} without gate weights: give "
+                             f"both for the same cluster names ({list(self.gates)})")
         self.figures: list[plt.Figure] = []
         self._holding = False
         self.cluster_dropdown = _tag(W.Dropdown(options=list(self.gates), description="cluster",
@@ -115,13 +151,15 @@ class GateExplorer(W.VBox):
         self.task_dropdown = _tag(W.Dropdown(description="task", style=_WIDE), "task")
         self.module_dropdown = _tag(W.Dropdown(description="module", style=_WIDE), "module")
         self.layer_dropdown = _tag(W.Dropdown(description="layer", style=_WIDE), "layer")
+        self.view_toggle = _tag(W.ToggleButtons(options=[GATE_VIEW, CONTRIBUTION_VIEW], value=GATE_VIEW,
+                                                description="show", style=_WIDE), "view")
         self.plot = _tag(W.Output(), "gate_plot")
         self.children = [W.HBox([self.cluster_dropdown, self.task_dropdown]),
-                         W.HBox([self.module_dropdown, self.layer_dropdown]), self.plot]
+                         W.HBox([self.module_dropdown, self.layer_dropdown]), self.view_toggle, self.plot]
         _tag(self, "explorer")
         self.cluster_dropdown.observe(lambda _: self._holding or self._show_cluster(), names="value")
         self.module_dropdown.observe(lambda _: self._module_changed(), names="value")
-        for dropdown in (self.task_dropdown, self.layer_dropdown):
+        for dropdown in (self.task_dropdown, self.layer_dropdown, self.view_toggle):
             dropdown.observe(lambda _: self.draw(), names="value")
         self._show_cluster()
 
@@ -172,9 +210,23 @@ class GateExplorer(W.VBox):
     def current_gates(self) -> GateWeights:
         return self.gates[self.cluster_dropdown.value]
 
-    def add(self, name: str, gates: GateWeights, show: bool = True) -> None:
-        """Add (or replace) cluster ``name``; with ``show``, select it."""
+    @property
+    def shown(self) -> GateWeights:
+        """What the heatmaps show: the current cluster's gate weights, or its contribution shares
+        when the view asks for them and the cluster has them."""
+        cluster = self.cluster_dropdown.value
+        if self.view_toggle.value == CONTRIBUTION_VIEW and cluster in self.contributions:
+            return self.contributions[cluster]
+        return self.gates[cluster]
+
+    def add(self, name: str, gates: GateWeights, contributions: GateWeights | None = None,
+            show: bool = True) -> None:
+        """Add (or replace) cluster ``name`` (and its contribution shares); with ``show``, select it."""
         self.gates[name] = gates
+        if contributions is not None:
+            self.contributions[name] = contributions
+        else:
+            self.contributions.pop(name, None)
         current = self.cluster_dropdown.value
         with self._hold():
             self.cluster_dropdown.options = list(self.gates)
@@ -185,21 +237,23 @@ class GateExplorer(W.VBox):
         """Redraw both heatmaps for the current choices (into ``plot``; kept in ``figures``)."""
         if self._holding:
             return
-        gates, module, layer = self.current_gates, self._module(), self.layer_dropdown.value
+        gates, module, layer = self.shown, self._module(), self.layer_dropdown.value
         cluster, task = self.cluster_dropdown.value, self.task_dropdown.value
+        what = f"{gates.value}s"
+        if self.view_toggle.value == CONTRIBUTION_VIEW and gates.value != "contribution share":
+            what += " (no contribution shares recorded for this cluster)"
         if layer == MEAN:
             if module is None:
                 by_task = gates
             else:  # the mean over this kind of module only
                 keep = [i for i, n in enumerate(gates.layers) if n.rsplit(".", 1)[-1] == module]
-                by_task = GateWeights(gates.weights[keep], [gates.layers[i] for i in keep],
-                                      gates.tasks, gates.experts)
-            title = (f"{cluster}: gate weights, mean over {len(by_task.layers)} "
+                by_task = replace(gates, weights=gates.weights[keep], layers=[gates.layers[i] for i in keep])
+            title = (f"{cluster}: {what}, mean over {len(by_task.layers)} "
                      f"{module + ' ' if module else ''}layers")
             layer_arg = None
         else:
             by_task, layer_arg = gates, layer
-            title = f"{cluster}: gate weights of layer {viz.short_layer_name(layer)}"
+            title = f"{cluster}: {what} of layer {viz.short_layer_name(layer)}"
         self.plot.clear_output(wait=True)
         with self.plot:
             for figure in self.figures:
@@ -207,7 +261,7 @@ class GateExplorer(W.VBox):
             self.figures = [
                 viz.gate_heatmap(by_task, layer=layer_arg, title=title),
                 viz.layer_gate_heatmap(gates, task, module,
-                                       title=f"{cluster}: task {task!r}, gate weights by layer"),
+                                       title=f"{cluster}: task {task!r}, {gates.value}s by layer"),
             ]
             plt.show()
 
@@ -222,12 +276,17 @@ class ExpertPanel(W.VBox):
             panel trains, then put back) and its tokenizer.
         tasks: the cluster's tasks, with train and test examples.
         config: the starting configuration (default 2 common + 2 specific experts of rank 2).
-            The sliders set ``n_common``, ``n_specific`` and one rank for every expert; the rest
-            (alpha, gate, target modules...) stays as in ``config``.
-        train_config, batch_size, max_length: the training budget of one press of Train.
+            The sliders set ``n_common``, ``n_specific`` and one rank for every expert, the menus
+            ``gate_norm`` and ``gate_lr_scale``; the rest (alpha, target modules...) stays as in
+            ``config``.
+        train_config, batch_size, max_length: the training budget of one press of Train (the
+            steps slider starts at ``train_config.steps``; seed i of a press trains with
+            ``train_config.seed + i``, and ``torch.manual_seed`` of it for the adapters' start).
         eval_limit: test examples per task scored after training (None: all).
         progress: show the training progress bar.
-        explorer: a ``GateExplorer`` to which each run's gates are added.
+        explorer: a ``GateExplorer`` to which each run's gates and contribution shares are added.
+        max_experts, max_rank, max_steps, max_seeds: the sliders' upper ends (``max_steps``
+            defaults to four times the starting steps, at least 64).
 
     ``runs`` lists every ``PanelRun``; ``counts`` is the current configuration's
     ``inject.count_parameters``; ``figures`` holds the last figures drawn.
@@ -236,7 +295,8 @@ class ExpertPanel(W.VBox):
     def __init__(self, model, tokenizer, tasks: Sequence[Task], config: CGCConfig | None = None, *,
                  train_config: TrainConfig | None = None, batch_size: int = 8, max_length: int = 80,
                  eval_limit: int | None = None, progress: bool = True,
-                 explorer: GateExplorer | None = None, max_experts: int = 4, max_rank: int = 16):
+                 explorer: GateExplorer | None = None, max_experts: int = 4, max_rank: int = 16,
+                 max_steps: int | None = None, max_seeds: int = 3):
         super().__init__()
         config = config or CGCConfig(n_common=2, n_specific=2, rank_common=2, rank_specific=2)
         self.model, self.tokenizer, self.tasks = model, tokenizer, list(tasks)
@@ -260,15 +320,26 @@ class ExpertPanel(W.VBox):
         self.specific_slider = slider(config.n_specific, 0, max_experts, "specific experts per task (K_s)",
                                       "specific")
         self.rank_slider = slider(rank, 1, max_rank, "rank of each expert (r)", "rank")
+        steps = self.train_config.steps
+        self.steps_slider = slider(steps, 1, max_steps or max(64, 4 * steps), "training steps", "steps")
+        self.gate_norm_dropdown = _tag(W.Dropdown(options=list(GATE_NORMS), value=config.gate_norm,
+                                                  description="gate normalisation", style=_SLIDER_STYLE),
+                                       "gate_norm")
+        scales = sorted({*GATE_LR_SCALES, float(config.gate_lr_scale)})
+        self.gate_lr_dropdown = _tag(W.Dropdown(options=[(f"{x:g}x", x) for x in scales],
+                                                value=float(config.gate_lr_scale),
+                                                description="gate learning rate", style=_SLIDER_STYLE),
+                                     "gate_lr")
+        self.seeds_slider = slider(1, 1, max_seeds, "seeds (one training run each)", "seeds")
         self.count_label = _tag(W.HTML(), "count")
         self.train_button = _tag(W.Button(description="Train", button_style="primary", icon="play",
                                           tooltip="train fresh adapters with this configuration"),
                                  "train")
         self.status = _tag(W.HTML("Press <b>Train</b> to train this configuration "
-                                  f"({self.train_config.steps} steps of {batch_size} examples)."),
-                           "status")
+                                  f"(batches of {batch_size} examples)."), "status")
         self.plot = _tag(W.Output(), "panel_plot")
         self.children = [self.common_slider, self.specific_slider, self.rank_slider, self.count_label,
+                         self.steps_slider, self.gate_norm_dropdown, self.gate_lr_dropdown, self.seeds_slider,
                          W.HBox([self.train_button, self.status]), self.plot]
         _tag(self, "panel")
         for s in (self.common_slider, self.specific_slider, self.rank_slider):
@@ -281,7 +352,9 @@ class ExpertPanel(W.VBox):
         """The configuration the sliders describe (raises ValueError if it has no expert)."""
         rank = self.rank_slider.value
         return replace(self.base_config, n_common=self.common_slider.value,
-                       n_specific=self.specific_slider.value, rank_common=rank, rank_specific=rank)
+                       n_specific=self.specific_slider.value, rank_common=rank, rank_specific=rank,
+                       gate_norm=self.gate_norm_dropdown.value,
+                       gate_lr_scale=float(self.gate_lr_dropdown.value))
 
     def update_count(self) -> None:
         """Recompute the parameter count of the sliders' configuration (no model is built)."""
@@ -300,26 +373,29 @@ class ExpertPanel(W.VBox):
         self.train_button.disabled = False
 
     def train(self) -> PanelRun | None:
-        """Train the sliders' configuration (what the Train button does); draw and return the run.
+        """Train the controls' configuration once per seed (what the Train button does); draw and
+        return the run.
 
         Returns None if training failed: in a notebook the traceback shows in the panel.
         """
-        config = self.config
+        config, steps = self.config, self.steps_slider.value
+        seeds = tuple(self.train_config.seed + i for i in range(self.seeds_slider.value))
         label = (f"#{len(self.runs) + 1} {config.n_common}c+{config.n_specific}s "
                  f"r{self.rank_slider.value}")
         self.train_button.disabled = True
-        self.status.value = f"Training {label}..."
         result = None
         try:
             self.plot.clear_output(wait=True)
             with self.plot:  # the progress bar, or a traceback, goes here
-                run = train_and_score(self.model, self.tokenizer, {"panel": self.tasks}, config,
-                                      self.train_config, self.batch_size, self.max_length,
-                                      eval_limit=self.eval_limit, progress=self.progress)
-                result = PanelRun(label, config, run["gates"].get("panel"),
-                                  {t: s["score"] for t, s in run["scores"].items()},
-                                  run["history"]["panel"], run["trainable_parameters"],
-                                  run["train_seconds"] + run["eval_seconds"])
+                runs = []
+                for seed in seeds:
+                    self.status.value = f"Training {label}, seed {seed} ({len(runs) + 1} of {len(seeds)})..."
+                    torch.manual_seed(seed)  # the adapters' initial values
+                    runs.append(train_and_score(
+                        self.model, self.tokenizer, {"panel": self.tasks}, config,
+                        replace(self.train_config, steps=steps, seed=seed), self.batch_size,
+                        self.max_length, eval_limit=self.eval_limit, progress=self.progress))
+                result = self._summarise(label, config, steps, seeds, runs)
         finally:
             self.train_button.disabled = False
         if result is None:
@@ -327,17 +403,38 @@ class ExpertPanel(W.VBox):
             return None
         self.runs.append(result)
         if self.explorer is not None and result.gates is not None:
-            self.explorer.add(f"panel {label}", result.gates)
+            self.explorer.add(f"panel {label}", result.gates, result.contributions)
         self.draw()
-        scores = ", ".join(f"{t} {s:.2f}" for t, s in result.scores.items())
-        self.status.value = (f"{label}: {self.train_config.steps} steps in {result.seconds:.0f} s; "
+        scores = ", ".join(f"{t} {result.intervals[t]:.2f}" for t in result.scores)
+        self.status.value = (f"{label}: {steps} steps x {len(seeds)} seed(s) in {result.seconds:.0f} s; "
                              f"test scores {scores}")  # last: says that everything is drawn
         return result
 
+    @staticmethod
+    def _summarise(label: str, config: CGCConfig, steps: int, seeds: tuple[int, ...],
+                   runs: list[dict]) -> PanelRun:
+        """One ``PanelRun`` from the ``train_and_score`` results of each seed."""
+        tasks = list(runs[0]["scores"])
+        per_example = {t: [run["scores"][t]["per_example"] for run in runs] for t in tasks}  # (S, N)
+        bootstrap = Bootstrap({t: len(values[0]) for t, values in per_example.items()}, len(seeds))
+        gated = [run["gates"]["panel"] for run in runs if "panel" in run["gates"]]
+        shares = [run["contributions"]["panel"] for run in runs if "panel" in run["contributions"]]
+        return PanelRun(
+            label, config, mean_gates(gated) if gated else None,
+            {t: sum(run["scores"][t]["score"] for run in runs) / len(runs) for t in tasks},
+            runs[0]["history"]["panel"], runs[0]["trainable_parameters"],
+            sum(run["train_seconds"] + run["eval_seconds"] for run in runs), steps, seeds,
+            {t: bootstrap.score(t, values) for t, values in per_example.items()},
+            mean_gates(shares) if shares else None)
+
     def score_table(self) -> pd.DataFrame:
-        """One row per run: its configuration, trainable parameters, seconds and task scores."""
-        return pd.DataFrame([{"run": r.label, "method": r.config.method,
-                              "trainable": r.trainable, "seconds": round(r.seconds, 1), **r.scores}
+        """One row per run: its configuration and budget, trainable parameters, seconds, and each
+        task's score (the mean over seeds) with its 95% interval."""
+        return pd.DataFrame([{"run": r.label, "method": r.config.method, "gate": r.config.gate_norm,
+                              "gate lr x": r.config.gate_lr_scale, "steps": r.steps, "seeds": len(r.seeds),
+                              "trainable": r.trainable, "seconds": round(r.seconds, 1), **r.scores,
+                              **{f"{t} 95% interval": f"[{i.low:.2f}, {i.high:.2f}]"
+                                 for t, i in (r.intervals or {}).items()}}
                              for r in self.runs]).set_index("run")
 
     def draw(self) -> None:
@@ -345,7 +442,8 @@ class ExpertPanel(W.VBox):
         if not self.runs:
             return
         last = self.runs[-1]
-        scores = pd.DataFrame([{"task": t, "method": r.label, "score": s}
+        scores = pd.DataFrame([{"task": t, "method": r.label, "score": s,
+                                "low": r.intervals[t].low, "high": r.intervals[t].high}
                                for r in self.runs for t, s in r.scores.items()])
         self.plot.clear_output(wait=True)
         with self.plot:
@@ -355,7 +453,7 @@ class ExpertPanel(W.VBox):
             if last.gates is not None:
                 self.figures.append(viz.gate_heatmap(
                     last.gates, title=f"{last.label}: gate weights (mean over layers)"))
-            self.figures.append(viz.score_bars(scores, title="Test score per task and run"))
+            self.figures.append(viz.score_bars(scores, title="Test score per task and run (95% intervals)"))
             plt.show()
             display(self.score_table())
 

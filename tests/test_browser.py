@@ -223,10 +223,10 @@ def test_notebook_04_in_a_real_browser(lab, tmp_path):
             assert len(explorer_before) == 2 and not page.evaluate(IMAGES, ".cgclora-panel-plot")
             page.locator("button.cgclora-train").click()
             page.wait_for_function(
-                "() => /steps in|failed/.test(document.querySelector('.cgclora-train-status').innerText)",
+                "() => /seed\\(s\\) in|failed/.test(document.querySelector('.cgclora-train-status').innerText)",
                 timeout=TRAIN_SECONDS * 1000)
             status = page.locator(".cgclora-train-status").inner_text()
-            assert f"#1 2c+2s r{old_rank + 1}: 2 steps in" in status, status
+            assert f"#1 2c+2s r{old_rank + 1}: 2 steps x 1 seed(s) in" in status, status
             page.wait_for_function(f"() => ({IMAGES})('.cgclora-panel-plot').length === 2",
                                    timeout=20_000)
             page.locator(".cgclora-panel-plot table").wait_for(timeout=20_000)  # the score table
@@ -234,6 +234,12 @@ def test_notebook_04_in_a_real_browser(lab, tmp_path):
                 f"(old) => JSON.stringify(({IMAGES})('.cgclora-gate-plot')) !== JSON.stringify(old)",
                 arg=explorer_before, timeout=20_000)
             assert page.locator(".cgclora-cluster select").input_value() == f"panel #1 2c+2s r{old_rank + 1}"
+            # The explorer's other view: the run's expert contribution shares, new figures.
+            gates_shown = page.evaluate(IMAGES, ".cgclora-gate-plot")
+            page.locator(".cgclora-view button", has_text="contribution shares").click()
+            page.wait_for_function(
+                f"(old) => JSON.stringify(({IMAGES})('.cgclora-gate-plot')) !== JSON.stringify(old)",
+                arg=gates_shown, timeout=20_000)
             page.wait_for_function(IMAGES_PAINTED, timeout=20_000)
             _screenshot(page, ".cgclora-expert-panel", ARTIFACTS / "browser_04.png")
             _screenshot(page, ".cgclora-gate-explorer", ARTIFACTS / "browser_04_explorer.png")

@@ -212,7 +212,8 @@ def test_train_button_trains_scores_and_draws_leaving_the_model_as_it_was(tokeni
         result = real(*args, **kwargs)
         trained.append({t: dict(s) for t, s in result["scores"].items()})
         # known, distinct scores (a tiny random model scores 0 everywhere): the panel must show these
-        result["scores"]["topic"]["score"], result["scores"]["sentiment"]["score"] = 0.25, 0.75
+        for task, each in {"topic": [0.0, 1.0], "sentiment": [1.0, 1.0]}.items():
+            result["scores"][task].update(score=sum(each) / 2, per_example=each)
         return result
 
     real = widgets.train_and_score
@@ -239,17 +240,25 @@ def test_train_button_trains_scores_and_draws_leaving_the_model_as_it_was(tokeni
         assert len(answers) == 2
         targets = [ex.target for ex in task.test[:2]]
         assert scored[task.name]["score"] == score_task(task, answers, targets)["score"]
-    assert run.scores == {"topic": 0.25, "sentiment": 0.75}
-    assert panel.score_table().loc["#1 2c+2s r3", ["topic", "sentiment"]].tolist() == [0.25, 0.75]
-    assert "test scores topic 0.25, sentiment 0.75" in panel.status.value
+    assert run.scores == {"topic": 0.5, "sentiment": 1.0} and run.seeds == (0,) and run.steps == 2
+    # one seed, two examples: the bootstrap draws 0/1 pairs (topic) or always 1 (sentiment)
+    assert (run.intervals["topic"].low, run.intervals["topic"].high) == (0.0, 1.0)
+    assert run.intervals["sentiment"] == widgets.Interval(1.0, 1.0, 1.0)
+    assert panel.score_table().loc["#1 2c+2s r3", ["topic", "sentiment"]].tolist() == [0.5, 1.0]
+    assert panel.score_table().loc["#1 2c+2s r3", "topic 95% interval"] == "[0.00, 1.00]"
+    assert "test scores topic 0.50 [0.00, 1.00], sentiment 1.00 [1.00, 1.00]" in panel.status.value
     assert len(run.history) == 2 and run.trainable == panel.counts["trainable"]
     assert run.gates.weights.shape == (len(panel.shapes), 2, 2 + 2 * 2)
     assert torch.allclose(run.gates.weights.sum(-1), torch.ones(len(panel.shapes), 2))
-    assert "#1 2c+2s r3: 2 steps" in panel.status.value and not panel.train_button.disabled
+    assert "#1 2c+2s r3: 2 steps x 1 seed(s)" in panel.status.value and not panel.train_button.disabled
     assert [f.axes[0].get_title() for f in panel.figures] == [
-        "#1 2c+2s r3: gate weights (mean over layers)", "Test score per task and run"]
+        "#1 2c+2s r3: gate weights (mean over layers)", "Test score per task and run (95% intervals)"]
+    error_bars = [segment for c in panel.figures[1].axes[0].collections for segment in c.get_segments()]
+    assert sorted((low, high) for (_, low), (_, high) in error_bars) == [(0.0, 1.0), (1.0, 1.0)]
     assert list(panel.score_table().index) == ["#1 2c+2s r3"]
     assert explorer.cluster_dropdown.value == "panel #1 2c+2s r3"
+    assert explorer.contributions["panel #1 2c+2s r3"] is run.contributions  # its shares too
+    assert run.contributions.value == "contribution share"
     # the framework's own adapters are back, untouched
     assert attached_adapters(model) is theirs
     assert all(torch.equal(before[k], v) for k, v in theirs.state_dict().items())
@@ -260,3 +269,58 @@ def test_train_button_trains_scores_and_draws_leaving_the_model_as_it_was(tokeni
     bars = panel.figures[-1].axes[0]
     assert {t.get_text() for t in bars.get_legend().get_texts()} == {"#1 2c+2s r3", "#2 0c+2s r3"}
     assert isinstance(panel.score_table(), pd.DataFrame) and len(panel.score_table()) == 2
+
+
+def test_panel_trains_each_seed_with_the_steps_and_gate_options_chosen(tokenizer, classify_tasks, monkeypatch):
+    calls = []
+
+    def spy(model, tokenizer, clusters, config, train_config, *args, **kwargs):
+        calls.append((config, train_config, torch.initial_seed()))
+        each = {"topic": [float(len(calls) == 1), 1.0], "sentiment": [0.0, 0.0]}  # seed 0: topic 1/2 right
+        return {"scores": {t: {"score": sum(v) / 2, "per_example": v} for t, v in each.items()},
+                "gates": {"panel": _gates()} if len(calls) == 1 else {"panel": _flat_gates()},
+                "contributions": {"panel": _flat_gates()}, "history": {"panel": [{"loss": 1.0}]},
+                "trainable_parameters": 7, "train_seconds": 1.0, "eval_seconds": 0.5}
+
+    monkeypatch.setattr(widgets, "train_and_score", spy)
+    panel = widgets.ExpertPanel(tiny_model(seed=0), tokenizer, classify_tasks, progress=False,
+                                train_config=TrainConfig(steps=3, lr=1e-2, seed=5))
+    assert panel.steps_slider.value == 3 and panel.seeds_slider.value == 1
+    panel.steps_slider.value, panel.seeds_slider.value = 7, 2
+    panel.gate_norm_dropdown.value, panel.gate_lr_dropdown.value = "scaled", 10.0
+    run = panel.train()
+    assert [(c.gate_norm, c.gate_lr_scale, t.steps, t.seed, init) for c, t, init in calls] == [
+        ("scaled", 10.0, 7, 5, 5), ("scaled", 10.0, 7, 6, 6)]  # each seed: its batches and its start
+    assert run.seeds == (5, 6) and run.steps == 7 and run.seconds == 3.0
+    assert run.scores == {"topic": 0.75, "sentiment": 0.0}  # the mean over the seeds
+    assert run.intervals["sentiment"] == widgets.Interval(0.0, 0.0, 0.0)
+    assert run.intervals["topic"].low < 0.75 < run.intervals["topic"].high
+    assert torch.allclose(run.gates.weights, (_gates().weights + _flat_gates().weights) / 2)
+    row = panel.score_table().loc[run.label]
+    assert (row["gate"], row["gate lr x"], row["steps"], row["seeds"]) == ("scaled", 10.0, 7, 2)
+    assert "7 steps x 2 seed(s)" in panel.status.value
+
+
+def _flat_gates() -> GateWeights:
+    g = _gates()
+    return GateWeights(torch.where(g.weights > 0, 0.5, 0.0), g.layers, g.tasks, g.experts)
+
+
+def test_explorer_shows_contribution_shares_when_asked():
+    shares = GateWeights(_flat_gates().weights, _gates().layers, ["a", "b"], _gates().experts,
+                         value="contribution share")
+    explorer = widgets.GateExplorer({"trained": _gates(), "fresh": _gates()}, contributions={"trained": shares})
+    assert "gate weights, mean over 4 layers" in _title(explorer.figures[0])
+    explorer.layer_dropdown.value = "model.layers.1.self_attn.v_proj"
+    explorer.view_toggle.value = widgets.CONTRIBUTION_VIEW
+    assert explorer.shown is shares
+    assert _title(explorer.figures[0]) == "trained: contribution shares of layer 1 v_proj"
+    assert [t.get_text() for t in explorer.figures[0].axes[0].texts] == ["0.50", "0.50", "0.50", "0.50"]
+    assert "contribution shares by layer" in _title(explorer.figures[1])
+    explorer.cluster_dropdown.value = "fresh"  # no shares recorded: its gate weights, and the title says so
+    assert explorer.shown is explorer.gates["fresh"]
+    assert "gate weights (no contribution shares recorded for this cluster)" in _title(explorer.figures[0])
+    explorer.add("new", _gates(), shares)
+    assert explorer.shown is shares
+    with pytest.raises(ValueError, match="without gate weights"):
+        widgets.GateExplorer({"a": _gates()}, contributions={"b": shares})
