@@ -94,9 +94,9 @@ PRESETS = {
     "tiny": Preset("tiny", "tiny", train=8, validation=4, eval_every=2,
                    test={"topic": 4, "sentiment": 4, "headline": 4, "trivia": 4},
                    steps=4, batch_size=4, max_length=80, lr=1e-2),
-    # two CPU cores, under 20 minutes for `make demo` even in fp32 (no native bf16): 144 steps of
-    # 4 examples per adapter set (one of each task per step), prompts of 64 tokens, test sets large
-    # enough for intervals of about +-0.07 on the label tasks
+    # two CPU cores: 144 steps of 4 examples per adapter set (one of each task per step), prompts
+    # of 64 tokens, test sets large enough for intervals of about +-0.07 on the label tasks; sized
+    # for about 20 minutes of `make demo` with bf16, 42 min measured in fp32 (Intel Xeon, no bf16)
     "cpu": Preset("cpu", None, train=240, validation=24, eval_every=36,
                   test={"topic": 200, "sentiment": 200, "headline": 100, "trivia": None},
                   steps=144, batch_size=4, max_length=64, lr=2e-3),

@@ -8,7 +8,9 @@ budget rule (``experiment.cluster_batches``: every adapter set the same steps, e
 examples), and records its per-task validation loss (teacher-forced, recorded while training)
 and its test scores. The groups:
 
-* ``methods``: lora, per-task-lora, moelora, cgc-1+1, cgc-1+n, modula-flan, modula-res;
+* ``methods``: lora, per-task-lora, moelora, cgc-1+1, cgc-1+n, modula-flan, modula-res, and
+  cgc-1+n on two clusters found from the data (``affinity``: gradient cosines on the training
+  split, average linkage) instead of the prior ones;
 * ``gate``: cgc-1+n with ``gate_norm`` softmax / scaled x ``gate_lr_scale`` 1 / 10 / 100, and the
   gate off (every expert weight 1). **The defaults are chosen here, on validation loss**;
 * ``split``: cgc-1+n with the four rank-2 experts split 1/3, 2/2, 3/1 (K_c/K_s) and 4/0 (MOELoRA's
@@ -56,8 +58,9 @@ KEY_METHODS = ("lora", "per-task-lora", "cgc-1+n")
 class Arm:
     """One configuration of the study: a ``method`` of ``experiment.METHODS`` (run by
     ``run_method``), or a CGC-LoRA ``config`` (``CGCConfig`` keyword arguments) trained on
-    ``clusters`` ("prior": the tasks' own clusters, "one": all tasks in one), with ``preset``
-    overrides (``steps``, ``r_active``, ``gate_norm``...)."""
+    ``clusters`` ("prior": the tasks' own clusters; "one": all tasks in one; "affinity": two
+    clusters found by ``affinity.task_affinity`` and ``affinity.cluster_tasks`` on the training
+    split at the arm's seed), with ``preset`` overrides (``steps``, ``r_active``, ``gate_norm``...)."""
 
     group: str
     name: str
@@ -78,6 +81,8 @@ def arms(groups: Sequence[str], preset: Preset) -> list[Arm]:
     for group in groups:
         if group == "methods":
             plan += [Arm(group, m, method=m) for m in METHODS]
+            plan.append(Arm(group, "cgc-1+n, clusters by affinity", clusters="affinity",
+                            config=dict(n_common=2, n_specific=2, rank_common=rank, rank_specific=rank)))
         elif group == "gate":
             plan += [Arm(group, f"{norm} x{scale:g}", method="cgc-1+n",
                          preset={"gate_norm": norm, "gate_lr_scale": scale})
@@ -125,8 +130,11 @@ def run_arm(arm: Arm, model, tokenizer, preset: Preset, seed: int, progress: boo
     else:
         import torch
 
+        if arm.clusters == "affinity":
+            clusters = affinity_clusters(model, tokenizer, tasks, preset, seed)
+        else:
+            clusters = method_clusters("cgc-1+n" if arm.clusters == "prior" else "lora", tasks)
         torch.manual_seed(seed)
-        clusters = method_clusters("cgc-1+n" if arm.clusters == "prior" else "lora", tasks)
         config = CGCConfig(alpha=preset.alpha, gate_norm=preset.gate_norm,
                            gate_lr_scale=preset.gate_lr_scale, **arm.config)
         result = train_and_score(model, tokenizer, clusters, config, train_config(preset),
@@ -134,6 +142,19 @@ def run_arm(arm: Arm, model, tokenizer, preset: Preset, seed: int, progress: boo
                                  progress=progress)
     result["val_loss"] = final_validation_loss(result["history"])
     return result
+
+
+def affinity_clusters(model, tokenizer, tasks: Sequence[Task], preset: Preset, seed: int,
+                      n_clusters: int = 2) -> dict[str, list[Task]]:
+    """``n_clusters`` clusters of ``tasks`` found from the training data: gradient affinity on two
+    batches of 8 training examples per task (notebook 03's measurement), average linkage."""
+    from .affinity import cluster_tasks, task_affinity
+
+    affinity = task_affinity(model, tokenizer, tasks, method="gradient", batch_size=8, batches=2,
+                             max_length=preset.max_length, seed=seed)
+    by_name = {t.name: t for t in tasks}
+    return {name: [by_name[n] for n in members]
+            for name, members in cluster_tasks(affinity, n_clusters).items()}
 
 
 def final_validation_loss(histories: dict[str, list[dict]]) -> dict[str, float]:
@@ -195,7 +216,7 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
                            for t, s in result["scores"].items()},
                 "trainable_parameters": result["trainable_parameters"],
                 "train_seconds": result["train_seconds"], "seconds_per_step": result["seconds_per_step"],
-                "eval_seconds": result["eval_seconds"],
+                "eval_seconds": result["eval_seconds"], "clusters": result.get("clusters"),
                 "gates": {c: g.weights.mean(0).tolist() for c, g in result.get("gates", {}).items()},
                 "contributions": {c: g.weights.mean(0).tolist()
                                   for c, g in result.get("contributions", {}).items()},

@@ -207,3 +207,14 @@ def test_exact_match_on_curly_quotes_and_other_scripts():
     assert exact_match("Zu\u0308rich", "Zürich") == 1.0  # decomposed and composed ü
     assert normalize_answer("The  “Eiffel” Tower!") == "eiffel tower"
     assert token_f1("Москва, Россия", "москва") == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_the_scripts_without_spaces_are_exactly_their_unicode_blocks():
+    from cgclora_lite.evaluate import _is_cjk
+
+    blocks = {"kana": (0x3040, 0x30FF), "CJK extension A": (0x3400, 0x4DBF), "CJK": (0x4E00, 0x9FFF),
+              "compatibility": (0xF900, 0xFAFF), "extensions B-F and supplement": (0x20000, 0x2FA1F)}
+    for name, (low, high) in blocks.items():
+        assert all(_is_cjk(chr(c)) for c in (low, (low + high) // 2, high)), name
+        assert not _is_cjk(chr(low - 1)) and not _is_cjk(chr(high + 1)), name  # the neighbours are not
+    assert not any(map(_is_cjk, "aé1 ñ"))

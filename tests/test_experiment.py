@@ -168,3 +168,19 @@ def test_presets_are_sized_as_documented():
     (trivia,) = load_tasks(PRESETS["cpu"], ["trivia"])
     assert trivia.sizes() == {"train": 130, "validation": 24, "test": 106}
     assert "240 train (trivia 130)" in documented["cpu"][1] and "(106)" in documented["cpu"][1]
+
+
+def test_method_config_builds_each_methods_experts_from_rank_alpha_and_gate_options():
+    shapes = {  # method: (common ranks, specific ranks per task, gated): the budget rule by hand
+        "lora": ((12,), (), False), "per-task-lora": ((), (12,), False), "moelora": ((2,) * 6, (), True),
+        "cgc-1+1": ((3, 3), (3, 3), True), "cgc-1+n": ((3, 3), (3, 3), True)}
+    for method, (common, specific, gated) in shapes.items():
+        config = method_config(method, r_active=12, alpha=6.0, gate_norm="scaled", gate_lr_scale=3.0)
+        assert (config.common_ranks, config.specific_ranks) == (common, specific), method
+        assert config.r_active == 12 and config.scaling == 0.5, method
+        assert (config.gate, config.gate_norm, config.gate_lr_scale) == (
+            ("task", "scaled", 3.0) if gated else ("none", "softmax", 1.0)), method
+        default = method_config(method)  # the paper's gate at the adapters' rate
+        assert (default.gate_norm, default.gate_lr_scale) == ("softmax", 1.0)
+    with pytest.raises(ValueError, match="r_active must be a multiple of 4 for the gated methods, got 6"):
+        method_config("cgc-1+n", r_active=6)

@@ -153,6 +153,16 @@ def test_a_missing_score_is_skipped_in_the_means_and_never_a_loss():
     assert row.split(" | ")[3] == "n/a" and "n/a: no score for that task" in markdown
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NaN is written for what is missing, never a mean of nothing
+def test_a_method_with_no_score_and_no_timing_is_missing_everywhere_without_a_warning():
+    table = seesaw_table({REFERENCE: [_run({"t1": [1.0] * 4}, seconds=2.0, per_step=0.5)],
+                          "cgc-1+n": [_run({"t1": [math.nan] * 4})]})  # no score, no time
+    for column in ("t1", "average", "t1 change", f"avg change vs {REFERENCE}"):
+        assert np.isnan(_interval(table, "cgc-1+n", column)).all(), column
+    assert np.isnan(table.loc["cgc-1+n", ["train seconds", "s/step"]].astype(float)).all()
+    assert table.loc[REFERENCE, ["train seconds", "s/step"]].tolist() == [2.0, 0.5]
+
+
 # --- results.md and metrics.json ------------------------------------------------------------------
 
 NUMBER = r"[+-]?\d+\.\d+"

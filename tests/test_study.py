@@ -47,3 +47,24 @@ def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuil
         best_gate(saved)
     saved["note"] = "A note on how this study ran."
     assert "\n\nA note on how this study ran.\n\n## control" in report(saved)
+
+
+def test_the_affinity_arm_trains_the_two_clusters_the_training_data_give(monkeypatch):
+    from cgclora_lite import study
+    from cgclora_lite.affinity import cluster_tasks, task_affinity
+    from cgclora_lite.experiment import load_tasks
+    from cgclora_lite.models import load_model
+
+    (arm,) = [a for a in arms(["methods"], PRESETS["tiny"]) if a.clusters == "affinity"]
+    model, tokenizer = load_model("tiny")
+    trained = {}
+    real = study.train_and_score
+    monkeypatch.setattr(study, "train_and_score",
+                        lambda m, t, clusters, *a, **k: trained.update(clusters) or real(m, t, clusters, *a, **k))
+    result = study.run_arm(arm, model, tokenizer, PRESETS["tiny"], seed=1)
+    tasks = load_tasks(PRESETS["tiny"])
+    expected = cluster_tasks(task_affinity(model, tokenizer, tasks, batch_size=8, batches=2,
+                                           max_length=PRESETS["tiny"].max_length, seed=1), n_clusters=2)
+    assert {name: [t.name for t in members] for name, members in trained.items()} == expected
+    assert result["clusters"] == expected and len(expected) == 2
+    assert sorted(name for members in expected.values() for name in members) == sorted(t.name for t in tasks)
