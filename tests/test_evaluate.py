@@ -218,3 +218,28 @@ def test_the_scripts_without_spaces_are_exactly_their_unicode_blocks():
         assert all(_is_cjk(chr(c)) for c in (low, (low + high) // 2, high)), name
         assert not _is_cjk(chr(low - 1)) and not _is_cjk(chr(high + 1)), name  # the neighbours are not
     assert not any(map(_is_cjk, "aé1 ñ"))
+
+
+def test_a_label_inside_a_word_is_not_read():
+    # the label may start inside the opening punctuation, never after the first letter of a word
+    assert parse_label("xpositive", ["positive"]) is None and parse_label("'positive", ["positive"]) == "positive"
+    assert parse_label("a positive", ["positive"]) is None  # a later word is not the answer's start
+
+
+@pytest.mark.filterwarnings("error")  # sklearn warns where a class's F1 is 0/0; it is defined here
+def test_a_class_never_predicted_nor_true_scores_zero_f1():
+    scores = label_scores(["a", "a"], ["a", "a"], ["a", "b", "c"])
+    assert scores["accuracy"] == 1.0 and scores["macro_f1"] == pytest.approx(1 / 3)
+
+
+def test_the_rouge_tokenizer_stems_only_when_asked():
+    from cgclora_lite.evaluate import RougeTokenizer
+
+    assert RougeTokenizer().tokenize("Running dogs") == ["run", "dog"]
+    assert RougeTokenizer(use_stemmer=False).tokenize("Running dogs") == ["running", "dogs"]
+
+
+def test_answers_and_targets_must_pair_up():
+    for answers, targets in ((["a"], ["a", "b"]), (["a", "b"], ["a"]), ([], [])):
+        with pytest.raises(ValueError, match="need as many answers as targets"):
+            label_scores(answers, targets, ["a", "b"])

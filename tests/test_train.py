@@ -206,6 +206,24 @@ def test_schedule():
     assert lr_factor(5, TrainConfig(steps=10, schedule="constant", warmup=0)) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="step")
+    assert factors[:2] == pytest.approx([1 / 3, 2 / 3])  # warm-up: (step + 1) / (warm + 1), warm = 2
+    linear = TrainConfig(steps=4, warmup=0, schedule="linear")
+    assert [lr_factor(s, linear) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    for bad in (dict(steps=0), dict(grad_accum=0)):  # each alone is an error
+        with pytest.raises(ValueError, match="steps and grad_accum must be >= 1"):
+            TrainConfig(**bad)
+    for warmup in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"warmup is a fraction of the steps in \[0, 1\)"):
+            TrainConfig(warmup=warmup)
+    with pytest.raises(ValueError, match="amp must be True, False or 'auto'"):
+        TrainConfig(amp="fp16")
+
+
+def test_answer_tokens_counts_the_targets_after_the_first_position():
+    from cgclora_lite.train import answer_tokens
+
+    labels = torch.tensor([[-100, 7, 8, -100], [5, -100, -100, 9]])  # position 0 is never a target
+    assert answer_tokens({"labels": labels}) == 3
 
 
 def test_empty_data_is_a_clear_error(tiny):
