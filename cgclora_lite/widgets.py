@@ -240,7 +240,7 @@ class GateExplorer(W.VBox):
         gates, module, layer = self.shown, self._module(), self.layer_dropdown.value
         cluster, task = self.cluster_dropdown.value, self.task_dropdown.value
         what = f"{gates.value}s"
-        if self.view_toggle.value == CONTRIBUTION_VIEW and gates.value != "contribution share":
+        if self.view_toggle.value == CONTRIBUTION_VIEW and cluster not in self.contributions:
             what += " (no contribution shares recorded for this cluster)"
         if layer == MEAN:
             if module is None:
