@@ -173,8 +173,9 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
     """Run the arms of ``groups`` (``only``: those arm names, in that order) at every seed; write
     ``<out>.json`` and ``<out>.md`` after every arm, so a long study can be stopped and read.
 
-    A study is resumable: when ``<out>.json`` exists with the same preset and seeds, its arms are
-    kept and not run again, and the new arms are appended. Returns the JSON dict.
+    A study is resumable: when ``<out>.json`` exists with the same preset and seeds, its arms, its
+    note and the earlier processes' provenance are kept, those arms are not run again, and the new
+    arms are appended. Returns the JSON dict.
     """
     from .models import load_model
     from .provenance import provenance
@@ -201,6 +202,10 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
         if saved["preset"] == study["preset"] and saved["seeds"] == study["seeds"]:
             study["arms"] = saved["arms"]  # resume: keep what was measured
             study["earlier_seconds"] = saved.get("total_seconds", 0) + saved.get("earlier_seconds", 0)
+            # the processes that measured the kept arms, and the note on how they ran
+            study["earlier_provenance"] = saved.get("earlier_provenance", []) + [saved["provenance"]]
+            if saved.get("note"):
+                study["note"] = saved["note"]
     done = {(a["group"], a["name"]) for a in study["arms"]}
     start = time.perf_counter()
     for arm in plan:
@@ -225,10 +230,16 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
         # commit made while a long study runs does not change what it runs)
         study["arms"].append({**asdict(arm), "runs": runs, "git_commit": loaded_commit,
                               "date": provenance(model)["date"]})
-        study["total_seconds"] = time.perf_counter() - start
-        out.with_suffix(".json").write_text(json.dumps(study, indent=1) + "\n")
-        out.with_suffix(".md").write_text(report(study))
+        _save(study, out, start)
+    _save(study, out, start)
     return study
+
+
+def _save(study: dict, out: Path, start: float) -> None:
+    """Write ``<out>.json`` and its report ``<out>.md``."""
+    study["total_seconds"] = time.perf_counter() - start
+    out.with_suffix(".json").write_text(json.dumps(study, indent=1) + "\n")
+    out.with_suffix(".md").write_text(report(study))
 
 
 def _table(arms_of_group: list[dict], boot_for) -> list[str]:
@@ -268,6 +279,10 @@ def report(study: dict) -> str:
         "recorded, teacher-forced, mean over seeds (the selection criterion; test scores are "
         "reported only).", "",
     ]
+    if study.get("earlier_provenance"):
+        earlier = "; ".join(f"commit {p.get('git_commit')}, {p.get('date')}" for p in study["earlier_provenance"])
+        lines += [f"Resumed: arms measured by earlier processes were kept ({earlier}); each arm "
+                  "records the commit and date of the process that ran it.", ""]
     if study.get("note"):
         lines += [study["note"], ""]
     for group in dict.fromkeys(a["group"] for a in study["arms"]):

@@ -47,6 +47,11 @@ def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuil
         best_gate(saved)
     saved["note"] = "A note on how this study ran."
     assert "\n\nA note on how this study ran.\n\n## control" in report(saved)
+    out.with_suffix(".json").write_text(json.dumps(saved))
+    resumed = run_study(PRESETS["tiny"], groups=["control"], seeds=[0], out=out)  # every arm done: none runs
+    assert resumed["arms"] == saved["arms"] and resumed["note"] == saved["note"]
+    assert resumed["earlier_provenance"] == [saved["provenance"]]
+    assert "Resumed: arms measured by earlier processes" in out.with_suffix(".md").read_text()
 
 
 def test_the_affinity_arm_trains_the_two_clusters_the_training_data_give(monkeypatch):
