@@ -56,12 +56,12 @@ from .experiment import (
     load_tasks,
     method_clusters,
     run_method,
+    autocast_name,
     seesaw_table,
-    train_config,
     write_results,
 )
 from .framework import OnePlusN
-from .models import autocast_dtype, load_model
+from .models import load_model
 from .provenance import provenance
 from .tasks import DEFAULT_CLUSTERS, load_default_tasks
 
@@ -112,9 +112,7 @@ def run_experiment(preset: Preset, methods: Sequence[str] = DEMO_METHODS, model_
         tasks = file_tasks(own[1], own[0], model, tokenizer, preset.max_length, seeds[0], task_names)
     out = Path(out or f"runs/{preset.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    amp = autocast_dtype(device, train_config(preset).amp)
-    prov = provenance(model, seeds=seeds, autocast=str(amp).removeprefix("torch.") if amp else "none")
+    prov = provenance(model, seeds=seeds, autocast=autocast_name(model, preset))
     (out / "config.json").write_text(json.dumps({
         "preset": asdict(preset), "seeds": seeds, "methods": list(methods),
         "tasks": {t.name: {"cluster": t.cluster, "metric": t.metric, **t.sizes()} for t in tasks},

@@ -237,6 +237,15 @@ def train_config(preset: Preset) -> TrainConfig:
                        eval_every=preset.eval_every, seed=preset.seed)
 
 
+def autocast_name(model, preset: Preset) -> str:
+    """The autocast a preset's training and scoring use on ``model``'s device: ``"bfloat16"`` or
+    ``"none"`` (``models.autocast_dtype``), for provenance."""
+    from .models import autocast_dtype
+
+    dtype = autocast_dtype(next(model.parameters()).device, train_config(preset).amp)
+    return str(dtype).removeprefix("torch.") if dtype else "none"
+
+
 def run_method(method: str, model, tokenizer, tasks: Sequence[Task], preset: Preset,
                progress: bool = True, save_to: Path | None = None) -> dict:
     """Train one method from fresh adapters (seed ``preset.seed``) and evaluate every task under

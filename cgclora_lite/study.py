@@ -39,6 +39,7 @@ import numpy as np
 from .cgc import CGCConfig
 from .experiment import (
     METHODS,
+    autocast_name,
     Preset,
     cluster_batches,
     load_tasks,
@@ -193,7 +194,8 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
     model, tokenizer = load_model(model_name if model_name is not None else preset.model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    study = {"provenance": provenance(model, seeds=list(seeds)), "preset": asdict(preset),
+    study = {"provenance": provenance(model, seeds=list(seeds), autocast=autocast_name(model, preset)),
+             "preset": asdict(preset),
              "seeds": list(seeds), "arms": []}
     loaded_commit = study["provenance"]["git_commit"]
     previous = out.with_suffix(".json")
@@ -272,7 +274,7 @@ def report(study: dict) -> str:
         "# Study results", "",
         f"Written by `{prov.get('command')}`: preset `{preset['name']}`, seeds {study['seeds']}, {preset['steps']} steps per adapter "
         f"set, {preset['batch_size']} examples per step over all tasks, model {prov.get('model')} on "
-        f"{prov.get('device_name')} ({prov.get('cpu_threads')} threads), commit {prov.get('git_commit')}, "
+        f"{prov.get('device_name')} ({prov.get('cpu_threads')} threads, autocast {prov.get('autocast', 'not recorded')}), commit {prov.get('git_commit')}, "
         f"{prov.get('date')}; {(study.get('total_seconds', 0) + study.get('earlier_seconds', 0)) / 60:.0f} "
         "minutes of training and scoring in all. Test scores: "
         "mean [95% bootstrap interval over test examples and seeds]. Validation loss: the last "
@@ -280,7 +282,8 @@ def report(study: dict) -> str:
         "reported only).", "",
     ]
     if study.get("earlier_provenance"):
-        earlier = "; ".join(f"commit {p.get('git_commit')}, {p.get('date')}" for p in study["earlier_provenance"])
+        earlier = "; ".join(f"commit {p.get('git_commit')}, {p.get('date')}, {p.get('device_name')}, autocast "
+                            f"{p.get('autocast', 'not recorded')}" for p in study["earlier_provenance"])
         lines += [f"Resumed: arms measured by earlier processes were kept ({earlier}); each arm "
                   "records the commit and date of the process that ran it.", ""]
     if study.get("note"):

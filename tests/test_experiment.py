@@ -184,3 +184,13 @@ def test_method_config_builds_each_methods_experts_from_rank_alpha_and_gate_opti
         assert (default.gate_norm, default.gate_lr_scale) == ("softmax", 1.0)
     with pytest.raises(ValueError, match="r_active must be a multiple of 4 for the gated methods, got 6"):
         method_config("cgc-1+n", r_active=6)
+
+
+@pytest.mark.parametrize("amp, expected", [("0", "none"), ("1", "bfloat16")])
+def test_autocast_name_is_what_training_and_scoring_use(monkeypatch, amp, expected):
+    from torch import nn
+
+    from cgclora_lite.experiment import autocast_name
+
+    monkeypatch.setenv("CGCLORA_AMP", amp)  # overrides amp="auto", as the notebooks' tests do
+    assert autocast_name(nn.Linear(2, 2), PRESETS["tiny"]) == expected

@@ -34,7 +34,8 @@ def test_the_positive_control_swaps_negative_and_positive_only():
     assert [e.input for e in copy.train] == ["a", "b"]
 
 
-def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuilds(tmp_path):
+def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuilds(tmp_path, monkeypatch):
+    monkeypatch.setenv("CGCLORA_AMP", "0")  # full precision, recorded in the provenance
     out = tmp_path / "results"
     study = run_study(PRESETS["tiny"], groups=["control"], seeds=[0], out=out)
     saved = json.loads(out.with_suffix(".json").read_text())
@@ -43,6 +44,7 @@ def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuil
     assert set(run["val_loss"]) == {"sentiment", "flipped"} and set(run["scores"]) == {"sentiment", "flipped"}
     assert out.with_suffix(".md").read_text() == report(saved) == report(study)
     assert {a["git_commit"] for a in saved["arms"]} == {saved["provenance"]["git_commit"]}  # what ran
+    assert saved["provenance"]["autocast"] == "none" and "threads, autocast none)" in report(saved)
     with pytest.raises(ValueError, match="no gate group"):
         best_gate(saved)
     saved["note"] = "A note on how this study ran."
