@@ -141,9 +141,13 @@ def run_experiment(preset: Preset, methods: Sequence[str] = DEMO_METHODS, model_
 
 
 def _study(args: argparse.Namespace) -> None:
-    from .study import GROUPS, run_study
+    from .study import GROUPS, check, run_study
 
     preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
+    try:  # bad input: a message, before any work
+        check(preset, args.groups or GROUPS, args.seeds, args.out, args.arms)
+    except ValueError as error:
+        raise SystemExit(f"cgclora_lite study: error: {error}") from None
     run_study(preset, args.groups or GROUPS, args.seeds, args.out, progress=not args.quiet,
               model_name=args.model, only=args.arms)
 

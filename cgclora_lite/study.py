@@ -168,19 +168,12 @@ def final_validation_loss(histories: dict[str, list[dict]]) -> dict[str, float]:
     return losses
 
 
-def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[int] = (0, 1, 2),
-              out: str | Path = "docs/results", progress: bool = False, model_name: str | None = None,
-              only: Sequence[str] | None = None) -> dict:
-    """Run the arms of ``groups`` (``only``: those arm names, in that order) at every seed; write
-    ``<out>.json`` and ``<out>.md`` after every arm, so a long study can be stopped and read.
-
-    A study is resumable: when ``<out>.json`` exists with the same preset and seeds, its arms, its
-    note and the earlier processes' provenance are kept, those arms are not run again, and the new
-    arms are appended. Returns the JSON dict.
-    """
-    from .models import load_model
-    from .provenance import provenance
-
+def check(preset: Preset, groups: Sequence[str], seeds: Sequence[int], out: str | Path,
+          only: Sequence[str] | None = None) -> tuple[list[Arm], dict | None]:
+    """What ``run_study`` will do, checked before any work: the arms to run (``only``: those names,
+    in that order) and the saved study it resumes (None when ``<out>.json`` does not exist).
+    ValueError for a preset without validation, unknown groups or arms, or a saved study with
+    another preset or other seeds (never overwritten)."""
     if not preset.validation or not preset.eval_every:
         raise ValueError("the study selects on validation loss: use a preset with validation "
                          "examples and eval_every > 0")
@@ -191,23 +184,46 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
         if missing:
             raise ValueError(f"no arms {missing} in groups {list(groups)}; arms: {list(by_name)}")
         plan = [by_name[name] for name in only]
-    model, tokenizer = load_model(model_name if model_name is not None else preset.model)
+    previous = Path(out).with_suffix(".json")
+    saved = json.loads(previous.read_text()) if previous.is_file() else None
+    if saved is not None and (saved["preset"] != asdict(preset) or saved["seeds"] != list(seeds)):
+        differ = {k: v for k, v in saved["preset"].items() if asdict(preset).get(k) != v}
+        raise ValueError(f"{previous} holds a study with another preset or other seeds (seeds "
+                         f"{saved['seeds']}, preset {saved['preset'].get('name')!r} with {differ} where "
+                         "this one differs); it is resumed only with the same ones. Pass another --out to "
+                         "start a new study, or move that file away.")
+    return plan, saved
+
+
+def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[int] = (0, 1, 2),
+              out: str | Path = "docs/results", progress: bool = False, model_name: str | None = None,
+              only: Sequence[str] | None = None) -> dict:
+    """Run the arms of ``groups`` (``only``: those arm names, in that order) at every seed; write
+    ``<out>.json`` and ``<out>.md`` after every arm, so a long study can be stopped and read.
+
+    A study is resumable: when ``<out>.json`` exists with the same preset and seeds, its arms, its
+    note and the earlier processes' provenance are kept, those arms are not run again, and the new
+    arms are appended. A file with another preset or other seeds is never overwritten: ValueError,
+    before the model loads. Returns the JSON dict.
+    """
+    from .models import load_model
+    from .provenance import provenance
+
+    plan, saved = check(preset, groups, seeds, out, only)
     out = Path(out)
+    model, tokenizer = load_model(model_name if model_name is not None else preset.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     study = {"provenance": provenance(model, seeds=list(seeds), autocast=autocast_name(model, preset)),
              "preset": asdict(preset),
              "seeds": list(seeds), "arms": []}
     loaded_commit = study["provenance"]["git_commit"]
-    previous = out.with_suffix(".json")
-    if previous.is_file():
-        saved = json.loads(previous.read_text())
-        if saved["preset"] == study["preset"] and saved["seeds"] == study["seeds"]:
-            study["arms"] = saved["arms"]  # resume: keep what was measured
-            study["earlier_seconds"] = saved.get("total_seconds", 0) + saved.get("earlier_seconds", 0)
-            # the processes that measured the kept arms, and the note on how they ran
-            study["earlier_provenance"] = saved.get("earlier_provenance", []) + [saved["provenance"]]
-            if saved.get("note"):
-                study["note"] = saved["note"]
+    if saved is not None:  # resume: keep what was measured
+        study["arms"] = saved["arms"]
+        study["earlier_seconds"] = saved.get("total_seconds", 0) + saved.get("earlier_seconds", 0)
+        # the processes that measured the kept arms, and the note on how they ran
+        study["earlier_provenance"] = saved.get("earlier_provenance", []) + [saved["provenance"]]
+        if saved.get("note"):
+            study["note"] = saved["note"]
     done = {(a["group"], a["name"]) for a in study["arms"]}
     start = time.perf_counter()
     for arm in plan:

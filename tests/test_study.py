@@ -2,6 +2,7 @@
 the report rebuilt from the JSON alone."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -54,6 +55,12 @@ def test_a_study_on_the_tiny_model_writes_json_and_a_report_that_the_json_rebuil
     assert resumed["arms"] == saved["arms"] and resumed["note"] == saved["note"]
     assert resumed["earlier_provenance"] == [saved["provenance"]]
     assert "Resumed: arms measured by earlier processes" in out.with_suffix(".md").read_text()
+    kept = out.with_suffix(".json").read_text()
+    with pytest.raises(ValueError, match="another preset or other seeds"):
+        run_study(PRESETS["tiny"], groups=["control"], seeds=[0, 1], out=out)
+    with pytest.raises(ValueError, match="with {'gate_lr_scale': 10.0} where this one differs"):
+        run_study(replace(PRESETS["tiny"], gate_lr_scale=3.0), groups=["control"], seeds=[0], out=out)
+    assert out.with_suffix(".json").read_text() == kept  # nothing overwritten
 
 
 def test_the_affinity_arm_trains_the_two_clusters_the_training_data_give(monkeypatch):
@@ -75,3 +82,15 @@ def test_the_affinity_arm_trains_the_two_clusters_the_training_data_give(monkeyp
     assert {name: [t.name for t in members] for name, members in trained.items()} == expected
     assert result["clusters"] == expected and len(expected) == 2
     assert sorted(name for members in expected.values() for name in members) == sorted(t.name for t in tasks)
+
+
+def test_the_study_command_stops_with_a_message_before_any_work(tmp_path):
+    from cgclora_lite.cli import main
+
+    out = tmp_path / "results"
+    out.with_suffix(".json").write_text(json.dumps({"preset": {"name": "other"}, "seeds": [0], "arms": []}))
+    with pytest.raises(SystemExit, match="cgclora_lite study: error: .* another preset"):
+        main(["study", "--preset", "tiny", "--seeds", "0", "--out", str(out)])
+    with pytest.raises(SystemExit, match="no arms \\['softmax x3'\\]"):
+        main(["study", "--preset", "tiny", "--groups", "gate", "--arms", "softmax x3", "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new.json").exists()
