@@ -1,6 +1,7 @@
 """Upkeep of the tutorial notebooks: run them, clean them, keep their Colab links in one place.
 
-    python notebooks/maintain.py execute                 # run every notebook in fast mode, in place
+    python notebooks/maintain.py execute --default 03_one_plus_n_training.ipynb
+                                                         # run one notebook in default mode, store it
     python notebooks/maintain.py execute --default 01_lora_from_scratch.ipynb --no-write
                                                          # time one notebook in default mode
     python notebooks/maintain.py clean                   # strip widget state and timing metadata
@@ -10,7 +11,8 @@
 ``execute`` runs a notebook top to bottom in a fresh ``python3`` kernel (the one nbval uses), with
 ``CGCLORA_FAST=1`` unless ``--default``, from the notebook's folder; it prints the wall time and,
 unless ``--no-write``, stores the outputs and cleans the notebook. The committed notebooks carry the
-outputs of a fast-mode run: nbval (``make test-notebooks``) re-runs them in fast mode and compares.
+outputs of a default-mode run (``--default``): nbval (``make test-notebooks``) re-runs them in fast
+mode and compares the cells whose output is the same in both modes.
 
 ``clean`` makes a notebook fit to commit: no widget state in the metadata (nbclient stores it and
 it churns at every run), no per-cell execution timestamps, no widget views (without their state a
