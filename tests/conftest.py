@@ -9,6 +9,11 @@ import torch
 
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
+# Full precision unless asked: amp="auto" would train in bf16 on CPUs with AVX512-BF16 or AMX and in
+# fp32 elsewhere, and the exact comparisons (gradient accumulation = one big batch, torchrun ranks
+# = one process...) hold in fp32. Tests of bf16 pass amp=True; a test of "auto" unsets this.
+os.environ.setdefault("CGCLORA_AMP", "0")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real embedded model or data (tens of seconds)")

@@ -243,3 +243,14 @@ def test_proportional_steps_uses_largest_remainders_and_gives_every_part_a_step(
     assert sum(proportional_steps(97, {"a": 3, "b": 5, "c": 7}).values()) == 97
     with pytest.raises(ValueError, match="at least 3 steps"):
         proportional_steps(2, {"a": 1, "b": 1, "c": 1})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native):
+    from cgclora_lite import models
+
+    monkeypatch.delenv("CGCLORA_AMP", raising=False)  # the suite's fp32 default (conftest)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    assert models.autocast_dtype("cpu", "auto") == (torch.bfloat16 if native else None)
+    monkeypatch.setenv("CGCLORA_AMP", "1")
+    assert models.autocast_dtype("cpu", "auto") == torch.bfloat16 and models.autocast_dtype("cpu", False) is None
