@@ -578,9 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                        help="only these arms of the groups, in this order (e.g. 'scaled x10' 'gate off')")
     study.add_argument("--model", default=None, help="a model name or folder instead of the preset's")
-    study.add_argument("--out", default="docs/results",
-                       help="output path without suffix: OUT.json and OUT.md (default: docs/results); "
-                            "an existing OUT.json of the same preset and seeds is resumed")
+    study.add_argument("--out", default="results/study",
+                       help="output path without suffix: OUT.json and OUT.md (default: results/study; the "
+                            "committed study is docs/results); an existing OUT.json of the same preset and "
+                            "seeds is resumed, one of another is refused")
     study.add_argument("--quiet", action="store_true", help="no progress bars")
     study.set_defaults(handler=_study)
 

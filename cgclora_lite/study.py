@@ -1,7 +1,7 @@
 """The study: what CGC-LoRA's parts do on the real model, with seeds and intervals.
 
-    python -m cgclora_lite study --groups gate --seeds 0 --out docs/results     # one group
-    python -m cgclora_lite study --out docs/results                              # everything
+    python -m cgclora_lite study --groups gate --seeds 0 --out results/gate     # one group
+    python -m cgclora_lite study                                                 # everything
 
 Every *arm* trains one configuration from fresh adapters, once per seed, under the experiment's
 budget rule (``experiment.cluster_batches``: every adapter set the same steps, every task the same
@@ -196,7 +196,7 @@ def check(preset: Preset, groups: Sequence[str], seeds: Sequence[int], out: str 
 
 
 def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[int] = (0, 1, 2),
-              out: str | Path = "docs/results", progress: bool = False, model_name: str | None = None,
+              out: str | Path = "results/study", progress: bool = False, model_name: str | None = None,
               only: Sequence[str] | None = None) -> dict:
     """Run the arms of ``groups`` (``only``: those arm names, in that order) at every seed; write
     ``<out>.json`` and ``<out>.md`` after every arm, so a long study can be stopped and read.
