@@ -53,10 +53,10 @@ from .experiment import (
     METHODS,
     PRESETS,
     Preset,
+    autocast_name,
     load_tasks,
     method_clusters,
     run_method,
-    autocast_name,
     seesaw_table,
     write_results,
 )

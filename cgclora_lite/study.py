@@ -39,8 +39,8 @@ import numpy as np
 from .cgc import CGCConfig
 from .experiment import (
     METHODS,
-    autocast_name,
     Preset,
+    autocast_name,
     cluster_batches,
     load_tasks,
     method_clusters,
@@ -187,7 +187,8 @@ def check(preset: Preset, groups: Sequence[str], seeds: Sequence[int], out: str 
     previous = Path(out).with_suffix(".json")
     saved = json.loads(previous.read_text()) if previous.is_file() else None
     if saved is not None and (saved["preset"] != asdict(preset) or saved["seeds"] != list(seeds)):
-        differ = {k: v for k, v in saved["preset"].items() if asdict(preset).get(k) != v}
+        current = asdict(preset)
+        differ = {k: v for k, v in saved["preset"].items() if current.get(k) != v}
         raise ValueError(f"{previous} holds a study with another preset or other seeds (seeds "
                          f"{saved['seeds']}, preset {saved['preset'].get('name')!r} with {differ} where "
                          "this one differs); it is resumed only with the same ones. Pass another --out to "
@@ -290,7 +291,8 @@ def report(study: dict) -> str:
         "# Study results", "",
         f"Written by `{prov.get('command')}`: preset `{preset['name']}`, seeds {study['seeds']}, {preset['steps']} steps per adapter "
         f"set, {preset['batch_size']} examples per step over all tasks, model {prov.get('model')} on "
-        f"{prov.get('device_name')} ({prov.get('cpu_threads')} threads, autocast {prov.get('autocast', 'not recorded')}), commit {prov.get('git_commit')}, "
+        f"{prov.get('device_name')} ({prov.get('cpu_threads')} threads, autocast "
+        f"{prov.get('autocast', 'not recorded')}), commit {prov.get('git_commit')}, "
         f"{prov.get('date')}; {(study.get('total_seconds', 0) + study.get('earlier_seconds', 0)) / 60:.0f} "
         "minutes of training and scoring in all. Test scores: "
         "mean [95% bootstrap interval over test examples and seeds]. Validation loss: the last "
