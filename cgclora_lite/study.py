@@ -280,6 +280,48 @@ def _table(arms_of_group: list[dict], boot_for) -> list[str]:
     return rows
 
 
+# The arm a group's changes are measured against, where it is not per-task LoRA at the same setting.
+GROUP_REFERENCE = {"gate": "gate off", "split": "K_c=2, K_s=2"}
+
+
+def reference_arm(arm: dict, names: Sequence[str]) -> str | None:
+    """The name of the arm ``arm`` is compared with (paired, on the same test examples and seeds),
+    or None: per-task LoRA at the same setting for the other groups' arms ("lora, 72 steps" against
+    "per-task-lora, 72 steps"; the affinity arm against "per-task-lora"), the ungated layer for the
+    gate group and the even split for the split group (``GROUP_REFERENCE``); None for the
+    reference itself or when the group has no such arm."""
+    if arm["group"] in GROUP_REFERENCE:
+        name = GROUP_REFERENCE[arm["group"]]
+    elif arm.get("method"):
+        name = arm["name"].replace(arm["method"], "per-task-lora", 1)
+    else:
+        name = "per-task-lora"
+    return name if name in names and name != arm["name"] else None
+
+
+def _changes(arms_of_group: list[dict], boot_for) -> list[str]:
+    """Markdown rows: each arm's paired change against its ``reference_arm`` per task and on
+    average (95% intervals), and the tasks that lose (interval below zero) with, in brackets, every
+    task below the reference. Empty when no arm of the group has a reference."""
+    by_name = {a["name"]: a for a in arms_of_group}
+    pairs = [(a, by_name[r]) for a in arms_of_group if (r := reference_arm(a, list(by_name)))]
+    if not pairs:
+        return []
+    tasks = list(arms_of_group[0]["runs"][0]["scores"])
+    head = ["arm", "against"] + [f"change {t}" for t in tasks] + ["average change", "tasks that lose (below)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, ref in pairs:
+        values, base = ({t: np.array([r["scores"][t]["per_example"] for r in a["runs"]]) for t in tasks}
+                        for a in (arm, ref))
+        boot = boot_for(values, len(arm["runs"]))
+        changes = [boot.difference(t, values[t], base[t]) for t in tasks]
+        cells = [arm["name"], ref["name"]] + [f"{c:+.3f}" for c in changes]
+        cells.append(f"{boot.average_difference(values, base):+.3f}")
+        cells.append(f"{sum(c.high < 0 for c in changes)} ({sum(c.mean < 0 for c in changes)})")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def report(study: dict) -> str:
     """The study's Markdown report, from its JSON alone (every number traceable to it)."""
     prov, preset = study["provenance"], study["preset"]
@@ -307,7 +349,13 @@ def report(study: dict) -> str:
     if study.get("note"):
         lines += [study["note"], ""]
     for group in dict.fromkeys(a["group"] for a in study["arms"]):
-        lines += [f"## {group}", ""] + _table([a for a in study["arms"] if a["group"] == group], boot_for) + [""]
+        of_group = [a for a in study["arms"] if a["group"] == group]
+        lines += [f"## {group}", ""] + _table(of_group, boot_for) + [""]
+        changes = _changes(of_group, boot_for)
+        if changes:
+            lines += ["Paired changes in test score against the reference arm, 95% intervals; a task "
+                      "*loses* when its whole interval lies below zero (in brackets: every task below "
+                      "the reference, noise included).", ""] + changes + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -4,10 +4,12 @@ the report rebuilt from the JSON alone."""
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from cgclora_lite.experiment import PRESETS
-from cgclora_lite.study import GROUPS, arms, best_gate, flipped, report, run_study
+from cgclora_lite.stats import Bootstrap
+from cgclora_lite.study import GROUPS, arms, best_gate, flipped, reference_arm, report, run_study
 from cgclora_lite.tasks import Example, Task
 
 
@@ -94,3 +96,39 @@ def test_the_study_command_stops_with_a_message_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="no arms \\['softmax x3'\\]"):
         main(["study", "--preset", "tiny", "--groups", "gate", "--arms", "softmax x3", "--out", str(tmp_path / "new")])
     assert not (tmp_path / "new.json").exists()
+
+
+def _arm(group, name, method, per_example):
+    """A study arm as the JSON holds it, with one seed per row of ``per_example[task]``."""
+    seeds = len(next(iter(per_example.values())))
+    return {"group": group, "name": name, "method": method, "runs": [
+        {"seed": s, "val_loss": {t: 1.0 for t in per_example}, "seconds_per_step": 1.0,
+         "scores": {t: {"score": float(np.mean(v[s])), "per_example": list(v[s])} for t, v in per_example.items()}}
+        for s in range(seeds)]}
+
+
+def test_the_report_pairs_each_arm_with_its_reference_and_counts_only_clear_losses():
+    rng = np.random.default_rng(0)
+    ref = {"a": rng.integers(0, 2, (2, 200)).astype(float), "b": rng.integers(0, 2, (2, 200)).astype(float)}
+    worse = {"a": ref["a"] * (rng.random((2, 200)) > 0.5), "b": ref["b"].copy()}  # a: half its hits lost
+    worse["b"][0, np.flatnonzero(ref["b"][0])[:2]] = 0  # b: two hits lost, below but not clearly
+    names = [("per-task-lora", ref), ("lora", worse), ("cgc-1+1", ref)]
+    arms_ = [_arm("control", n, n, v) for n, v in names]
+    arms_ += [_arm("budget", f"{n}, 72 steps", n, v) for n, v in names[:2]] + [_arm("gate", "gate off", None, ref)]
+    assert [reference_arm(a, [b["name"] for b in arms_[:3]]) for a in arms_[:3]] == [None, "per-task-lora", "per-task-lora"]
+    assert reference_arm(arms_[4], ["per-task-lora, 72 steps"]) == "per-task-lora, 72 steps"
+    assert reference_arm({"group": "gate", "name": "softmax x1", "method": "cgc-1+n"}, ["gate off"]) == "gate off"
+    assert reference_arm({"group": "methods", "name": "cgc-1+n, clusters by affinity", "method": None},
+                         ["per-task-lora"]) == "per-task-lora"
+    text = report({"provenance": {}, "preset": {"name": "x", "steps": 1, "batch_size": 1}, "seeds": [0, 1],
+                   "arms": arms_})
+    boot = Bootstrap({"a": 200, "b": 200}, 2)
+    lose = boot.difference("a", worse["a"], ref["a"])
+    below = boot.difference("b", worse["b"], ref["b"])
+    assert lose.high < 0 and below.mean < 0 <= below.high  # a clear loss on a, noise on b
+    row = f"| lora | per-task-lora | {lose:+.3f} | {below:+.3f} | "
+    assert row + f"{boot.average_difference(worse, ref):+.3f} | 1 (2) |" in text
+    assert "| cgc-1+1 | per-task-lora | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" in text
+    assert "| lora, 72 steps | per-task-lora, 72 steps |" in text
+    gate = text.split("## gate")[1]
+    assert "Paired changes" not in gate  # the reference alone: nothing to compare
