@@ -23,7 +23,9 @@ and its test scores. The groups:
 The arms that read the default clusters take them from ``tasks.DEFAULT_CLUSTERS``. Results: one
 JSON file (every arm, seed, task: validation loss, test score, per-example scores, seconds) and
 a Markdown report of tables with 95% bootstrap intervals (``stats``), which ``report`` rebuilds
-from the JSON alone.
+from the JSON alone: per group, each arm's scores and its paired change against a reference arm
+(``reference_arm``), and, when the study holds their arms, the components of cgc-1+n's change
+against per-task LoRA (``COMPONENTS``: sharing, structure, the gate).
 """
 
 from __future__ import annotations
@@ -267,7 +269,7 @@ def _table(arms_of_group: list[dict], boot_for) -> list[str]:
     tasks = list(arms_of_group[0]["runs"][0]["scores"])
     head = (["arm"] + [f"val loss {t}" for t in tasks] + ["val loss mean"]
             + [f"test {t}" for t in tasks] + ["test average", "s/step"])
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for arm in arms_of_group:
         runs = arm["runs"]
         values = {t: np.array([r["scores"][t]["per_example"] for r in runs]) for t in tasks}
@@ -276,8 +278,8 @@ def _table(arms_of_group: list[dict], boot_for) -> list[str]:
         cells = [arm["name"]] + [f"{v:.3f}" for v in val] + [f"{np.nanmean(val):.3f}"]
         cells += [f"{boot.score(t, values[t]):.3f}" for t in tasks] + [f"{boot.average(values):.3f}"]
         cells.append(f"{np.mean([r['seconds_per_step'] for r in runs]):.2f}")
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+        rows.append(cells)
+    return _rows(head, rows)
 
 
 # The arm a group's changes are measured against, where it is not per-task LoRA at the same setting.
@@ -299,6 +301,21 @@ def reference_arm(arm: dict, names: Sequence[str]) -> str | None:
     return name if name in names and name != arm["name"] else None
 
 
+def _paired(arm: dict, ref: dict, boot_for) -> tuple[list, object]:
+    """``arm``'s paired changes against ``ref`` (the same test examples, seed by seed): one
+    interval per task, in the runs' task order, and the interval of the average change."""
+    tasks = list(arm["runs"][0]["scores"])
+    values, base = ({t: np.array([r["scores"][t]["per_example"] for r in a["runs"]]) for t in tasks}
+                    for a in (arm, ref))
+    boot = boot_for(values, len(arm["runs"]))
+    return [boot.difference(t, values[t], base[t]) for t in tasks], boot.average_difference(values, base)
+
+
+def _rows(head: list[str], cells: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return ["| " + " | ".join(line) + " |" for line in [head, ["---"] * len(head)] + cells]
+
+
 def _changes(arms_of_group: list[dict], boot_for) -> list[str]:
     """Markdown rows: each arm's paired change against its ``reference_arm`` per task and on
     average (95% intervals), and the tasks that lose (interval below zero) with, in brackets, every
@@ -308,18 +325,38 @@ def _changes(arms_of_group: list[dict], boot_for) -> list[str]:
     if not pairs:
         return []
     tasks = list(arms_of_group[0]["runs"][0]["scores"])
-    head = ["arm", "against"] + [f"change {t}" for t in tasks] + ["average change", "tasks that lose (below)"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for arm, ref in pairs:
-        values, base = ({t: np.array([r["scores"][t]["per_example"] for r in a["runs"]]) for t in tasks}
-                        for a in (arm, ref))
-        boot = boot_for(values, len(arm["runs"]))
-        changes = [boot.difference(t, values[t], base[t]) for t in tasks]
-        cells = [arm["name"], ref["name"]] + [f"{c:+.3f}" for c in changes]
-        cells.append(f"{boot.average_difference(values, base):+.3f}")
-        cells.append(f"{sum(c.high < 0 for c in changes)} ({sum(c.mean < 0 for c in changes)})")
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+        changes, average = _paired(arm, ref, boot_for)
+        cells.append([arm["name"], ref["name"]] + [f"{c:+.3f}" for c in changes] + [
+            f"{average:+.3f}", f"{sum(c.high < 0 for c in changes)} ({sum(c.mean < 0 for c in changes)})"])
+    return _rows(["arm", "against"] + [f"change {t}" for t in tasks]
+                 + ["average change", "tasks that lose (below)"], cells)
+
+
+# The seed paper's open check, which component a gain or loss comes from, as three steps that add
+# up to cgc-1+n against per-task LoRA: (step, (group, arm), (group, the arm it is measured against)).
+COMPONENTS = (
+    ("sharing: one LoRA for every task", ("methods", "lora"), ("methods", "per-task-lora")),
+    ("structure: common and specific experts in the prior clusters, ungated", ("gate", "gate off"),
+     ("methods", "lora")),
+    ("the gate: the task-id gate on those experts", ("methods", "cgc-1+n"), ("gate", "gate off")),
+)
+
+
+def _components(study: dict, boot_for) -> list[str]:
+    """Markdown rows of ``COMPONENTS``' paired changes (95% intervals), for the steps whose two
+    arms the study holds; empty when it holds none."""
+    by_key = {(a["group"], a["name"]): a for a in study["arms"]}
+    steps = [(step, by_key[arm], by_key[ref]) for step, arm, ref in COMPONENTS if arm in by_key and ref in by_key]
+    if not steps:
+        return []
+    cells = []
+    for step, arm, ref in steps:
+        changes, average = _paired(arm, ref, boot_for)
+        cells.append([step, arm["name"], ref["name"]] + [f"{c:+.3f}" for c in changes] + [f"{average:+.3f}"])
+    tasks = list(steps[0][1]["runs"][0]["scores"])
+    return _rows(["step", "arm", "against"] + [f"change {t}" for t in tasks] + ["average change"], cells)
 
 
 def report(study: dict) -> str:
@@ -356,6 +393,11 @@ def report(study: dict) -> str:
             lines += ["Paired changes in test score against the reference arm, 95% intervals; a task "
                       "*loses* when its whole interval lies below zero (in brackets: every task below "
                       "the reference, noise included).", ""] + changes + [""]
+    components = _components(study, boot_for)
+    if components:
+        lines += ["## components", "",
+                  "Where the change of cgc-1+n against per-task LoRA comes from, in steps that add up to "
+                  "it (paired changes in test score, 95% intervals).", ""] + components + [""]
     return "\n".join(lines) + "\n"
 
 

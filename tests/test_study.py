@@ -132,3 +132,23 @@ def test_the_report_pairs_each_arm_with_its_reference_and_counts_only_clear_loss
     assert "| lora, 72 steps | per-task-lora, 72 steps |" in text
     gate = text.split("## gate")[1]
     assert "Paired changes" not in gate  # the reference alone: nothing to compare
+
+
+def test_the_components_add_up_to_cgc_1_n_against_per_task_lora():
+    rng = np.random.default_rng(1)
+    scores = {name: {"a": rng.integers(0, 2, (3, 100)).astype(float)}
+              for name in ("per-task-lora", "lora", "gate off", "cgc-1+n")}
+    arms_ = [_arm("methods", n, n, scores[n]) for n in ("per-task-lora", "lora", "cgc-1+n")]
+    arms_ += [_arm("gate", "gate off", None, scores["gate off"]), _arm("control", "lora", "lora", scores["cgc-1+n"])]
+    study = {"provenance": {}, "preset": {"name": "x", "steps": 1, "batch_size": 1}, "seeds": [0, 1, 2]}
+    text = report({**study, "arms": arms_})
+    rows = [line for line in text.split("## components")[1].splitlines() if line.startswith("| ") and not line.startswith(("| step", "| ---"))]
+    boot = Bootstrap({"a": 100}, 3)
+    expected = [("lora", "per-task-lora"), ("gate off", "lora"), ("cgc-1+n", "gate off")]  # not control's lora
+    assert [row.split(" | ")[1:3] for row in rows] == [list(pair) for pair in expected]
+    for row, (arm, ref) in zip(rows, expected):
+        assert f"| {boot.difference('a', scores[arm]['a'], scores[ref]['a']):+.3f} |" in row
+    changes = [float(row.split(" | ")[3].split()[0]) for row in rows]
+    total = scores["cgc-1+n"]["a"].mean() - scores["per-task-lora"]["a"].mean()
+    assert sum(changes) == pytest.approx(total, abs=0.002)  # three rounded steps
+    assert "## components" not in report({**study, "arms": arms_[:1] + arms_[3:]})  # no pair held
