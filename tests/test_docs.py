@@ -76,3 +76,20 @@ def test_readme_has_usage_example():
     assert next_heading is None or block.start() < next_heading.start(), \
         "the ```python block must sit in the 'Using the package' section"
     assert "from cgclora_lite" in block.group(1)
+
+
+STUDIES = sorted((ROOT / "docs").glob("results*.json"))
+
+
+@pytest.mark.parametrize("saved", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_committed_study_report_is_what_its_json_rebuilds(saved):
+    """docs/results*.md are the study command's reports: every number traceable to the JSON beside."""
+    import json
+
+    from cgclora_lite.study import report
+
+    assert saved.with_suffix(".md").read_text() == report(json.loads(saved.read_text()))
+
+
+def test_the_committed_studies_are_found():
+    assert ROOT / "docs" / "results.json" in STUDIES
