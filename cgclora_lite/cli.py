@@ -576,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
                        help="training seeds (default: 0 1 2)")
     study.add_argument("--arms", nargs="+", default=None, metavar="ARM",
-                       help="only these arms of the groups, in this order (e.g. 'scaled x10' 'gate off')")
+                       help="only the arms of these names, in every group given, in this order (e.g. 'scaled x10' "
+                            "'gate off'; lora is an arm of both methods and control)")
     study.add_argument("--model", default=None, help="a model name or folder instead of the preset's")
     study.add_argument("--out", default="results/study",
                        help="output path without suffix: OUT.json and OUT.md (default: results/study; the "

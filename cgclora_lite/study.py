@@ -172,20 +172,20 @@ def final_validation_loss(histories: dict[str, list[dict]]) -> dict[str, float]:
 
 def check(preset: Preset, groups: Sequence[str], seeds: Sequence[int], out: str | Path,
           only: Sequence[str] | None = None) -> tuple[list[Arm], dict | None]:
-    """What ``run_study`` will do, checked before any work: the arms to run (``only``: those names,
-    in that order) and the saved study it resumes (None when ``<out>.json`` does not exist).
+    """What ``run_study`` will do, checked before any work: the arms to run (``only``: the arms of
+    those names in every group given, in that order) and the saved study it resumes (None when ``<out>.json`` does not exist).
     ValueError for a preset without validation, unknown groups or arms, or a saved study with
     another preset or other seeds (never overwritten)."""
     if not preset.validation or not preset.eval_every:
         raise ValueError("the study selects on validation loss: use a preset with validation "
                          "examples and eval_every > 0")
     plan = arms(groups, preset)
-    if only is not None:
-        by_name = {a.name: a for a in plan}
-        missing = [name for name in only if name not in by_name]
+    if only is not None:  # a name may stand in several groups (lora in methods and control): all of them
+        names = list(dict.fromkeys(a.name for a in plan))
+        missing = [name for name in only if name not in names]
         if missing:
-            raise ValueError(f"no arms {missing} in groups {list(groups)}; arms: {list(by_name)}")
-        plan = [by_name[name] for name in only]
+            raise ValueError(f"no arms {missing} in groups {list(groups)}; arms: {names}")
+        plan = [a for name in dict.fromkeys(only) for a in plan if a.name == name]
     previous = Path(out).with_suffix(".json")
     saved = json.loads(previous.read_text()) if previous.is_file() else None
     if saved is not None and (saved["preset"] != asdict(preset) or saved["seeds"] != list(seeds)):
@@ -201,8 +201,8 @@ def check(preset: Preset, groups: Sequence[str], seeds: Sequence[int], out: str 
 def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[int] = (0, 1, 2),
               out: str | Path = "results/study", progress: bool = False, model_name: str | None = None,
               only: Sequence[str] | None = None) -> dict:
-    """Run the arms of ``groups`` (``only``: those arm names, in that order) at every seed; write
-    ``<out>.json`` and ``<out>.md`` after every arm, so a long study can be stopped and read.
+    """Run the arms of ``groups`` (``only``: the arms of those names, see ``check``) at every seed;
+    write ``<out>.json`` and ``<out>.md`` after every arm, so a long study can be stopped and read.
 
     A study is resumable: when ``<out>.json`` exists with the same preset and seeds, its arms, its
     note and the earlier processes' provenance are kept, those arms are not run again, and the new

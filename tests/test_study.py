@@ -152,3 +152,13 @@ def test_the_components_add_up_to_cgc_1_n_against_per_task_lora():
     total = scores["cgc-1+n"]["a"].mean() - scores["per-task-lora"]["a"].mean()
     assert sum(changes) == pytest.approx(total, abs=0.002)  # three rounded steps
     assert "## components" not in report({**study, "arms": arms_[:1] + arms_[3:]})  # no pair held
+
+
+def test_arms_chosen_by_name_come_from_every_group_given(tmp_path):
+    from cgclora_lite.study import check
+
+    plan, saved = check(PRESETS["cpu"], ["methods", "gate", "control"], [0], tmp_path / "x",
+                        ["lora", "gate off", "cgc-1+1", "lora"])
+    assert [(a.group, a.name) for a in plan] == [("methods", "lora"), ("control", "lora"), ("gate", "gate off"),
+                                                 ("methods", "cgc-1+1"), ("control", "cgc-1+1")]
+    assert plan[1].tasks == "control" and saved is None
