@@ -43,7 +43,8 @@ class TrainConfig:
     ``steps`` optimizer steps, each on ``grad_accum`` batches; learning rate ``lr`` reached after
     ``warmup`` (a fraction of ``steps``) then decayed by ``schedule`` ("cosine", "linear" or
     "constant") towards 0; gradients clipped to ``max_grad_norm`` (0: no clipping); validation
-    loss every ``eval_every`` steps (0: never), overall and per task; ``amp``: bf16 autocast,
+    loss every ``eval_every`` steps and after the last (0: never), overall and per task (a run
+    shorter than ``eval_every``, such as MoDULA's router stage, still ends with one); ``amp``: bf16 autocast,
     ``"auto"`` (the default) where the device has native bf16 (``models.autocast_dtype``).
     The adapters' optimizer groups (``AdapterSet.optimizer_groups``) scale the learning rate,
     e.g. a CGC-LoRA gate's ``gate_lr_scale``.
@@ -248,7 +249,8 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "loss": loss_sum, "lr": lr,
                   "grad_norm": float(norm), "seconds": time.perf_counter() - start}
-        if validation is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+        if validation is not None and config.eval_every and ((step + 1) % config.eval_every == 0
+                                                            or step + 1 == config.steps):
             record["val_loss"], record["val_loss_by_task"] = evaluate_loss(
                 adapters, validation, config.amp, by_task=True)
         history.append(record)

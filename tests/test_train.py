@@ -66,6 +66,17 @@ def test_each_methods_training_lowers_the_loss_and_touches_only_adapters(tiny, m
     assert not tiny.training
 
 
+def test_validation_runs_every_eval_every_steps_and_after_the_last(tiny):
+    """A run (or a MoDULA stage) shorter than ``eval_every``, or not a multiple of it, still ends
+    with a validation loss: the study reads each run's last one."""
+    adapters = inject(tiny, method_config("cgc-1+1"), TASKS)
+    data = toy_batches(2)
+    history = train(adapters, data, TrainConfig(steps=7, eval_every=5), validation=data, progress=False)
+    assert [h["step"] for h in history if "val_loss_by_task" in h] == [5, 7]
+    short = train(adapters, data, TrainConfig(steps=3, eval_every=5), validation=data, progress=False)
+    assert [h["step"] for h in short if "val_loss" in h] == [3]
+
+
 def test_grad_accumulation_matches_one_big_batch(tiny):
     """Two accumulated half-batches give the gradient of the full batch (equal answer tokens)."""
     data = toy_batches(1)[0]
