@@ -50,7 +50,7 @@ from .experiment import (
     train_and_score,
     train_config,
 )
-from .stats import Bootstrap
+from .stats import Bootstrap, Interval
 from .tasks import Example, Task
 
 GROUPS = ("methods", "gate", "split", "budget", "capacity", "control")
@@ -173,7 +173,8 @@ def final_validation_loss(histories: dict[str, list[dict]]) -> dict[str, float]:
 def check(preset: Preset, groups: Sequence[str], seeds: Sequence[int], out: str | Path,
           only: Sequence[str] | None = None) -> tuple[list[Arm], dict | None]:
     """What ``run_study`` will do, checked before any work: the arms to run (``only``: the arms of
-    those names in every group given, in that order) and the saved study it resumes (None when ``<out>.json`` does not exist).
+    those names in every group given, in that order) and the saved study it resumes (None when
+    ``<out>.json`` does not exist).
     ValueError for a preset without validation, unknown groups or arms, or a saved study with
     another preset or other seeds (never overwritten)."""
     if not preset.validation or not preset.eval_every:
@@ -301,7 +302,7 @@ def reference_arm(arm: dict, names: Sequence[str]) -> str | None:
     return name if name in names and name != arm["name"] else None
 
 
-def _paired(arm: dict, ref: dict, boot_for) -> tuple[list, object]:
+def _paired(arm: dict, ref: dict, boot_for) -> tuple[list[Interval], Interval]:
     """``arm``'s paired changes against ``ref`` (the same test examples, seed by seed): one
     interval per task, in the runs' task order, and the interval of the average change."""
     tasks = list(arm["runs"][0]["scores"])
@@ -348,7 +349,8 @@ def _components(study: dict, boot_for) -> list[str]:
     """Markdown rows of ``COMPONENTS``' paired changes (95% intervals), for the steps whose two
     arms the study holds; empty when it holds none."""
     by_key = {(a["group"], a["name"]): a for a in study["arms"]}
-    steps = [(step, by_key[arm], by_key[ref]) for step, arm, ref in COMPONENTS if arm in by_key and ref in by_key]
+    steps = [(step, by_key[arm], by_key[ref]) for step, arm, ref in COMPONENTS
+             if arm in by_key and ref in by_key]
     if not steps:
         return []
     cells = []

@@ -115,7 +115,8 @@ def test_the_report_pairs_each_arm_with_its_reference_and_counts_only_clear_loss
     names = [("per-task-lora", ref), ("lora", worse), ("cgc-1+1", ref)]
     arms_ = [_arm("control", n, n, v) for n, v in names]
     arms_ += [_arm("budget", f"{n}, 72 steps", n, v) for n, v in names[:2]] + [_arm("gate", "gate off", None, ref)]
-    assert [reference_arm(a, [b["name"] for b in arms_[:3]]) for a in arms_[:3]] == [None, "per-task-lora", "per-task-lora"]
+    names_ = [b["name"] for b in arms_[:3]]
+    assert [reference_arm(a, names_) for a in arms_[:3]] == [None, "per-task-lora", "per-task-lora"]
     assert reference_arm(arms_[4], ["per-task-lora, 72 steps"]) == "per-task-lora, 72 steps"
     assert reference_arm({"group": "gate", "name": "softmax x1", "method": "cgc-1+n"}, ["gate off"]) == "gate off"
     assert reference_arm({"group": "methods", "name": "cgc-1+n, clusters by affinity", "method": None},
@@ -142,7 +143,8 @@ def test_the_components_add_up_to_cgc_1_n_against_per_task_lora():
     arms_ += [_arm("gate", "gate off", None, scores["gate off"]), _arm("control", "lora", "lora", scores["cgc-1+n"])]
     study = {"provenance": {}, "preset": {"name": "x", "steps": 1, "batch_size": 1}, "seeds": [0, 1, 2]}
     text = report({**study, "arms": arms_})
-    rows = [line for line in text.split("## components")[1].splitlines() if line.startswith("| ") and not line.startswith(("| step", "| ---"))]
+    rows = [line for line in text.split("## components")[1].splitlines()
+            if line.startswith("| ") and not line.startswith(("| step", "| ---"))]
     boot = Bootstrap({"a": 100}, 3)
     expected = [("lora", "per-task-lora"), ("gate off", "lora"), ("cgc-1+n", "gate off")]  # not control's lora
     assert [row.split(" | ")[1:3] for row in rows] == [list(pair) for pair in expected]
