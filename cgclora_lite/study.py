@@ -264,6 +264,12 @@ def _save(study: dict, out: Path, start: float) -> None:
     out.with_suffix(".md").write_text(report(study))
 
 
+def _per_example(arm: dict, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{task: (seeds, examples) per-example test scores}`` of one arm of the JSON, in the order
+    of ``tasks`` (the order sets the bootstrap's draws for each task)."""
+    return {t: np.array([r["scores"][t]["per_example"] for r in arm["runs"]]) for t in tasks}
+
+
 def _table(arms_of_group: list[dict], boot_for) -> list[str]:
     """Markdown rows: arm, validation loss per task (mean over seeds), test score per task and its
     average with 95% intervals."""
@@ -273,7 +279,7 @@ def _table(arms_of_group: list[dict], boot_for) -> list[str]:
     rows = []
     for arm in arms_of_group:
         runs = arm["runs"]
-        values = {t: np.array([r["scores"][t]["per_example"] for r in runs]) for t in tasks}
+        values = _per_example(arm, tasks)
         boot = boot_for(values, len(runs))
         val = [np.mean([r["val_loss"].get(t, np.nan) for r in runs]) for t in tasks]
         cells = [arm["name"]] + [f"{v:.3f}" for v in val] + [f"{np.nanmean(val):.3f}"]
@@ -306,8 +312,7 @@ def _paired(arm: dict, ref: dict, boot_for) -> tuple[list[Interval], Interval]:
     """``arm``'s paired changes against ``ref`` (the same test examples, seed by seed): one
     interval per task, in the runs' task order, and the interval of the average change."""
     tasks = list(arm["runs"][0]["scores"])
-    values, base = ({t: np.array([r["scores"][t]["per_example"] for r in a["runs"]]) for t in tasks}
-                    for a in (arm, ref))
+    values, base = _per_example(arm, tasks), _per_example(ref, tasks)
     boot = boot_for(values, len(arm["runs"]))
     return [boot.difference(t, values[t], base[t]) for t in tasks], boot.average_difference(values, base)
 

@@ -44,8 +44,8 @@ class TrainConfig:
     ``warmup`` (a fraction of ``steps``) then decayed by ``schedule`` ("cosine", "linear" or
     "constant") towards 0; gradients clipped to ``max_grad_norm`` (0: no clipping); validation
     loss every ``eval_every`` steps and after the last (0: never), overall and per task (a run
-    shorter than ``eval_every``, such as MoDULA's router stage, still ends with one); ``amp``: bf16 autocast,
-    ``"auto"`` (the default) where the device has native bf16 (``models.autocast_dtype``).
+    shorter than ``eval_every``, such as MoDULA's router stage, still ends with one); ``amp``: bf16
+    autocast, ``"auto"`` (the default) where the device has native bf16 (``models.autocast_dtype``).
     The adapters' optimizer groups (``AdapterSet.optimizer_groups``) scale the learning rate,
     e.g. a CGC-LoRA gate's ``gate_lr_scale``.
     """
