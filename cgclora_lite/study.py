@@ -20,7 +20,9 @@ and its test scores. The groups:
 * ``control``: a positive control, sentiment and a copy of it whose negative and positive answers
   are swapped (same inputs, same instruction), in one cluster: a shared adapter must seesaw there.
 
-The arms that read the default clusters take them from ``tasks.DEFAULT_CLUSTERS``. Results: one
+The arms that read the default clusters take them from ``tasks.DEFAULT_CLUSTERS``. An arm that
+trains what an arm already measured trains (the gate group's ``softmax x10`` is the preset's own
+gate, so the methods group's cgc-1+n) reuses its runs (``setting``) and says so. Results: one
 JSON file (every arm, seed, task: validation loss, test score, per-example scores, seconds) and
 a Markdown report of tables with 95% bootstrap intervals (``stats``), which ``report`` rebuilds
 from the JSON alone: per group, each arm's scores and its paired change against a reference arm
@@ -160,6 +162,16 @@ def affinity_clusters(model, tokenizer, tasks: Sequence[Task], preset: Preset, s
             for name, members in cluster_tasks(affinity, n_clusters).items()}
 
 
+def setting(arm: dict, preset: Preset) -> tuple:
+    """What an arm (``asdict(Arm)`` or an arm of the JSON) trains, without its group and name: the
+    method or CGC config, the clusters, the tasks and the preset with the arm's overrides. Two arms
+    of one setting train the same adapters at every seed (training is seeded and deterministic on
+    one machine: the MoDULA arms of docs/results-3seeds, run twice, scored every test example
+    alike), so ``run_study`` runs a setting once and reuses its runs."""
+    return (arm["method"], arm["config"], arm["clusters"], arm["tasks"],
+            asdict(replace(preset, **arm["preset"])))
+
+
 def final_validation_loss(histories: dict[str, list[dict]]) -> dict[str, float]:
     """``{task: validation loss}`` at the last validation step of each cluster (or stage)."""
     losses: dict[str, float] = {}
@@ -207,8 +219,9 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
 
     A study is resumable: when ``<out>.json`` exists with the same preset and seeds, its arms, its
     note and the earlier processes' provenance are kept, those arms are not run again, and the new
-    arms are appended. A file with another preset or other seeds is never overwritten: ValueError,
-    before the model loads. Returns the JSON dict.
+    arms are appended. An arm whose ``setting`` the study already measured under another name
+    reuses those runs (``same_as`` in the JSON). A file with another preset or other seeds is
+    never overwritten: ValueError, before the model loads. Returns the JSON dict.
     """
     from .models import load_model
     from .provenance import provenance
@@ -232,6 +245,15 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
     start = time.perf_counter()
     for arm in plan:
         if (arm.group, arm.name) in done:
+            continue
+        same = next((a for a in study["arms"] if setting(a, preset) == setting(asdict(arm), preset)), None)
+        if same is not None:  # e.g. the gate group's "softmax x10" is the methods group's cgc-1+n
+            print(f"== study: {arm.group} / {arm.name} trains what {same['group']} / {same['name']} "
+                  "trained: its runs are reused", flush=True)
+            study["arms"].append({**asdict(arm), "runs": same["runs"],
+                                  "same_as": [same["group"], same["name"]],
+                                  "git_commit": same["git_commit"], "date": same["date"]})
+            _save(study, out, start)
             continue
         runs = []
         for seed in seeds:
@@ -282,7 +304,8 @@ def _table(arms_of_group: list[dict], boot_for) -> list[str]:
         values = _per_example(arm, tasks)
         boot = boot_for(values, len(runs))
         val = [np.mean([r["val_loss"].get(t, np.nan) for r in runs]) for t in tasks]
-        cells = [arm["name"]] + [f"{v:.3f}" for v in val] + [f"{np.nanmean(val):.3f}"]
+        name = arm["name"] + (" (= {} / {})".format(*arm["same_as"]) if arm.get("same_as") else "")
+        cells = [name] + [f"{v:.3f}" for v in val] + [f"{np.nanmean(val):.3f}"]
         cells += [f"{boot.score(t, values[t]):.3f}" for t in tasks] + [f"{boot.average(values):.3f}"]
         cells.append(f"{np.mean([r['seconds_per_step'] for r in runs]):.2f}")
         rows.append(cells)

@@ -2,7 +2,7 @@
 the report rebuilt from the JSON alone."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -164,3 +164,23 @@ def test_arms_chosen_by_name_come_from_every_group_given(tmp_path):
     assert [(a.group, a.name) for a in plan] == [("methods", "lora"), ("control", "lora"), ("gate", "gate off"),
                                                  ("methods", "cgc-1+1"), ("control", "cgc-1+1")]
     assert plan[1].tasks == "control" and saved is None
+
+
+def test_a_setting_already_measured_is_reused_and_matches_a_fresh_run(tmp_path, monkeypatch):
+    from cgclora_lite.study import setting
+
+    monkeypatch.setenv("CGCLORA_AMP", "0")
+    tiny = PRESETS["tiny"]
+    by_name = {a.name: a for a in arms(["methods", "gate"], tiny)}
+    # the preset's own gate is softmax x10: that gate arm trains what the methods group's cgc-1+n trains
+    assert (tiny.gate_norm, tiny.gate_lr_scale) == ("softmax", 10.0)
+    same = [a.name for a in by_name.values() if setting(asdict(a), tiny) == setting(asdict(by_name["cgc-1+n"]), tiny)]
+    assert same == ["cgc-1+n", "softmax x10"]
+    study = run_study(tiny, groups=["methods", "gate"], seeds=[0], out=tmp_path / "s", only=["cgc-1+n", "softmax x10"])
+    measured, reused = study["arms"]
+    assert reused["same_as"] == ["methods", "cgc-1+n"] and reused["runs"] == measured["runs"]
+    assert "| softmax x10 (= methods / cgc-1+n) |" in report(study)
+    fresh = run_study(tiny, groups=["gate"], seeds=[0], out=tmp_path / "f", only=["softmax x10"])["arms"][0]
+    assert "same_as" not in fresh
+    for key in ("val_loss", "scores"):  # seeded and deterministic: the reuse is what a run gives
+        assert fresh["runs"][0][key] == measured["runs"][0][key]
