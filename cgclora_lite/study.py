@@ -166,8 +166,10 @@ def setting(arm: dict, preset: Preset) -> tuple:
     """What an arm (``asdict(Arm)`` or an arm of the JSON) trains, without its group and name: the
     method or CGC config, the clusters, the tasks and the preset with the arm's overrides. Two arms
     of one setting train the same adapters at every seed (training is seeded and deterministic on
-    one machine: the MoDULA arms of docs/results-3seeds, run twice, scored every test example
-    alike), so ``run_study`` runs a setting once and reuses its runs."""
+    one kind of machine: docs/results.json's softmax x10 and gate off at seed 0 and
+    docs/results-3seeds.json's cgc-1+n and gate off, run by other processes at other commits, have
+    the same validation losses to the last digit and the same per-example test scores), so
+    ``run_study`` runs a setting once and reuses its runs."""
     return (arm["method"], arm["config"], arm["clusters"], arm["tasks"],
             asdict(replace(preset, **arm["preset"])))
 
