@@ -248,7 +248,8 @@ def run_study(preset: Preset, groups: Sequence[str] = GROUPS, seeds: Sequence[in
     for arm in plan:
         if (arm.group, arm.name) in done:
             continue
-        same = next((a for a in study["arms"] if setting(a, preset) == setting(asdict(arm), preset)), None)
+        mine = setting(asdict(arm), preset)
+        same = next((a for a in study["arms"] if setting(a, preset) == mine), None)
         if same is not None:  # e.g. the gate group's "softmax x10" is the methods group's cgc-1+n
             print(f"== study: {arm.group} / {arm.name} trains what {same['group']} / {same['name']} "
                   "trained: its runs are reused", flush=True)
