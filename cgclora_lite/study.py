@@ -16,7 +16,8 @@ and its test scores. The groups:
 * ``split``: cgc-1+n with the four rank-2 experts split 1/3, 2/2, 3/1 (K_c/K_s) and 4/0 (MOELoRA's
   shape in two clusters), at equal r_active;
 * ``budget``: lora, per-task-lora and cgc-1+n at half and twice the preset's steps;
-* ``capacity``: the same at r_active 4 and 16 (interference grows as capacity shrinks);
+* ``capacity``: the same at r_active 2, 4 and 16 (interference grows as capacity shrinks;
+  ``capacity_arm``);
 * ``control``: a positive control, sentiment and a copy of it whose negative and positive answers
   are swapped (same inputs, same instruction), in one cluster: a shared adapter must seesaw there.
 
@@ -102,11 +103,23 @@ def arms(groups: Sequence[str], preset: Preset) -> list[Arm]:
             plan += [Arm(group, f"{m}, {steps} steps", method=m, preset={"steps": steps})
                      for steps in (preset.steps // 2, preset.steps * 2) for m in KEY_METHODS]
         elif group == "capacity":
-            plan += [Arm(group, f"{m}, r_active {r}", method=m, preset={"r_active": r, "alpha": 2.0 * r})
-                     for r in (4, 16) for m in KEY_METHODS]
+            plan += [capacity_arm(m, r) for r in (2, 4, 16) for m in KEY_METHODS]
         elif group == "control":
             plan += [Arm(group, m, method=m, tasks="control") for m in ("lora", "per-task-lora", "cgc-1+1")]
     return plan
+
+
+def capacity_arm(method: str, r_active: int) -> Arm:
+    """``method`` at active rank ``r_active`` (alpha 2 r_active, the preset's scale 2). cgc-1+n's
+    four experts of rank r_active / 4 do not exist below r_active 4; there it takes one common and
+    one specific expert of rank r_active / 2, the same r_active and the same gate."""
+    preset = {"r_active": r_active, "alpha": 2.0 * r_active}
+    name = f"{method}, r_active {r_active}"
+    if method == "cgc-1+n" and r_active % 4:
+        half = r_active // 2
+        return Arm("capacity", name, config=dict(n_common=1, n_specific=1, rank_common=half,
+                                                 rank_specific=half), preset=preset)
+    return Arm("capacity", name, method=method, preset=preset)
 
 
 def flipped(task: Task) -> Task:
@@ -329,8 +342,9 @@ def reference_arm(arm: dict, names: Sequence[str]) -> str | None:
         name = GROUP_REFERENCE[arm["group"]]
     elif arm.get("method"):
         name = arm["name"].replace(arm["method"], "per-task-lora", 1)
-    else:
-        name = "per-task-lora"
+    else:  # a CGCConfig arm named "<method>, <setting>": per-task LoRA at that setting if measured
+        _, _, at = arm["name"].partition(", ")
+        name = f"per-task-lora, {at}" if f"per-task-lora, {at}" in names else "per-task-lora"
     return name if name in names and name != arm["name"] else None
 
 

@@ -21,7 +21,13 @@ def test_the_arms_cover_the_issue_s_ablations():
     assert {a.name for a in plan if a.group == "split"} == {f"K_c={c}, K_s={4 - c}" for c in (1, 2, 3, 4)}
     assert {a.method for a in plan if a.group == "methods"} >= {"lora", "per-task-lora", "cgc-1+n", "modula-res"}
     assert {a.preset["steps"] for a in plan if a.group == "budget"} == {72, 288}
-    assert {a.preset["r_active"] for a in plan if a.group == "capacity"} == {4, 16}
+    assert {a.preset["r_active"] for a in plan if a.group == "capacity"} == {2, 4, 16}
+    # below r_active 4 cgc-1+n's four experts do not exist: one common and one specific of rank 1
+    (small,) = [a for a in plan if a.name == "cgc-1+n, r_active 2"]
+    assert small.method is None and small.preset == {"r_active": 2, "alpha": 4.0}
+    assert small.config == dict(n_common=1, n_specific=1, rank_common=1, rank_specific=1)
+    assert reference_arm(asdict(small), [a.name for a in plan if a.group == "capacity"]) == "per-task-lora, r_active 2"
+    assert [a.method for a in plan if a.name.endswith("r_active 4")] == ["lora", "per-task-lora", "cgc-1+n"]
     with pytest.raises(ValueError, match="unknown study groups"):
         arms(["seesaw"], PRESETS["cpu"])
 
@@ -184,3 +190,21 @@ def test_a_setting_already_measured_is_reused_and_matches_a_fresh_run(tmp_path, 
     assert "same_as" not in fresh
     for key in ("val_loss", "scores"):  # seeded and deterministic: the reuse is what a run gives
         assert fresh["runs"][0][key] == measured["runs"][0][key]
+
+
+def test_the_smallest_capacity_arm_trains_cgc_lora_of_active_rank_2_at_the_preset_s_scale(monkeypatch):
+    from cgclora_lite import study
+    from cgclora_lite.models import load_model
+
+    monkeypatch.setenv("CGCLORA_AMP", "0")
+    (arm,) = [a for a in arms(["capacity"], PRESETS["tiny"]) if a.name == "cgc-1+n, r_active 2"]
+    configs = []
+    real = study.train_and_score
+    monkeypatch.setattr(study, "train_and_score",
+                        lambda m, t, clusters, config, *a, **k: configs.append(config) or real(m, t, clusters, config, *a, **k))
+    model, tokenizer = load_model("tiny")
+    result = study.run_arm(arm, model, tokenizer, PRESETS["tiny"], seed=0)
+    (config,) = configs
+    assert (config.r_active, config.scaling, config.n_common, config.n_specific) == (2, 2.0, 1, 1)
+    assert (config.gate_norm, config.gate_lr_scale) == (PRESETS["tiny"].gate_norm, PRESETS["tiny"].gate_lr_scale)
+    assert sorted(result["val_loss"]) == sorted(result["scores"]) and len(result["scores"]) == 4
