@@ -28,7 +28,8 @@ JSON file (every arm, seed, task: validation loss, test score, per-example score
 a Markdown report of tables with 95% bootstrap intervals (``stats``), which ``report`` rebuilds
 from the JSON alone: per group, each arm's scores and its paired change against a reference arm
 (``reference_arm``), and, when the study holds their arms, the components of cgc-1+n's change
-against per-task LoRA (``COMPONENTS``: sharing, structure, the gate).
+against per-task LoRA (``COMPONENTS``: sharing, structure, the gate) and the key methods each at
+the active rank it would choose on validation (``_ranks``).
 """
 
 from __future__ import annotations
@@ -406,6 +407,45 @@ def _components(study: dict, boot_for) -> list[str]:
     return _rows(["step", "arm", "against"] + [f"change {t}" for t in tasks] + ["average change"], cells)
 
 
+def _mean_val_loss(arm: dict) -> float:
+    """An arm's validation loss, mean over tasks and seeds (the selection criterion)."""
+    return float(np.mean([np.mean(list(r["val_loss"].values())) for r in arm["runs"]]))
+
+
+def _ranks(study: dict, boot_for) -> list[str]:
+    """Markdown rows: lora, per-task LoRA and cgc-1+n at every active rank the study holds (the
+    methods group at the preset's, the capacity group at the others) with their mean validation
+    loss; the rank each would choose on validation (the lowest); its test average there; and its
+    paired change against per-task LoRA at the rank per-task LoRA would choose. Empty without the
+    capacity group or per-task LoRA at every rank."""
+    preset_rank = study["preset"].get("r_active")
+    if preset_rank is None:
+        return []
+    by_key = {(a["group"], a["name"]): a for a in study["arms"]}
+    ranks = sorted({a.get("preset", {}).get("r_active", preset_rank) for a in study["arms"]
+                    if a["group"] == "capacity"} | {preset_rank})
+
+    def arm_at(method: str, rank: int) -> dict | None:
+        return by_key.get(("methods", method) if rank == preset_rank
+                          else ("capacity", f"{method}, r_active {rank}"))
+
+    methods = [m for m in KEY_METHODS if all(arm_at(m, r) for r in ranks)]
+    if len(ranks) < 2 or "per-task-lora" not in methods:
+        return []
+    chosen = {m: min(ranks, key=lambda r: _mean_val_loss(arm_at(m, r))) for m in methods}
+    reference = arm_at("per-task-lora", chosen["per-task-lora"])
+    tasks = list(reference["runs"][0]["scores"])
+    cells = []
+    for m in methods:
+        arm = arm_at(m, chosen[m])
+        values = _per_example(arm, tasks)
+        change = "" if arm is reference else f"{_paired(arm, reference, boot_for)[1]:+.3f}"
+        cells.append([m] + [f"{_mean_val_loss(arm_at(m, r)):.3f}" for r in ranks]
+                     + [str(chosen[m]), f"{boot_for(values, len(arm['runs'])).average(values):.3f}", change])
+    return _rows(["method"] + [f"val loss r_active {r}" for r in ranks] + [
+        "chosen r_active", "test average", f"change vs per-task-lora at r_active {chosen['per-task-lora']}"], cells)
+
+
 def report(study: dict) -> str:
     """The study's Markdown report, from its JSON alone (every number traceable to it)."""
     prov, preset = study["provenance"], study["preset"]
@@ -445,6 +485,13 @@ def report(study: dict) -> str:
         lines += ["## components", "",
                   "Where the change of cgc-1+n against per-task LoRA comes from, in steps that add up to "
                   "it (paired changes in test score, 95% intervals).", ""] + components + [""]
+    ranks = _ranks(study, boot_for)
+    if ranks:
+        lines += ["## ranks chosen on validation", "",
+                  "The budget rule gives every method the same active rank. Here each method takes "
+                  "instead the rank with its lowest mean validation loss: its test average there, and "
+                  "its paired change against per-task LoRA at the rank per-task LoRA would choose "
+                  "(95% intervals).", ""] + ranks + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -453,9 +500,5 @@ def best_gate(study: dict) -> dict:
     gate = [a for a in study["arms"] if a["group"] == "gate"]
     if not gate:
         raise ValueError("the study has no gate group")
-
-    def loss(arm: dict) -> float:
-        return float(np.mean([np.mean(list(r["val_loss"].values())) for r in arm["runs"]]))
-
-    return min(gate, key=loss)
+    return min(gate, key=_mean_val_loss)
 

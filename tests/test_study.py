@@ -208,3 +208,34 @@ def test_the_smallest_capacity_arm_trains_cgc_lora_of_active_rank_2_at_the_prese
     assert (config.r_active, config.scaling, config.n_common, config.n_specific) == (2, 2.0, 1, 1)
     assert (config.gate_norm, config.gate_lr_scale) == (PRESETS["tiny"].gate_norm, PRESETS["tiny"].gate_lr_scale)
     assert sorted(result["val_loss"]) == sorted(result["scores"]) and len(result["scores"]) == 4
+
+
+def test_each_method_at_the_rank_it_would_choose_on_validation_is_paired_with_per_task_lora_at_its_own():
+    from cgclora_lite.study import _paired
+
+    rng = np.random.default_rng(2)
+    study = {"provenance": {}, "preset": {"name": "x", "steps": 1, "batch_size": 1, "r_active": 8},
+             "seeds": [0, 1], "arms": []}
+    losses = {"per-task-lora": {2: 0.9, 8: 1.2}, "lora": {2: 1.3, 8: 1.1}, "cgc-1+n": {2: 1.0, 8: 0.8}}
+    for method, by_rank in losses.items():
+        for rank, loss in by_rank.items():
+            group, name = ("methods", method) if rank == 8 else ("capacity", f"{method}, r_active {rank}")
+            arm = _arm(group, name, method, {"a": rng.integers(0, 2, (2, 100)).astype(float)})
+            for run in arm["runs"]:
+                run["val_loss"] = {"a": loss}
+            study["arms"].append({**arm, "preset": {} if rank == 8 else {"r_active": rank}})
+    text = report(study)
+    section = text.split("## ranks chosen on validation")[1]
+    by_key = {(a["group"], a["name"]): a for a in study["arms"]}
+    reference = by_key[("capacity", "per-task-lora, r_active 2")]  # per-task LoRA chooses rank 2
+    boot_for = lambda values, seeds: Bootstrap({t: v.shape[1] for t, v in values.items()}, seeds)
+    lora = _paired(by_key[("methods", "lora")], reference, boot_for)[1]
+    cgc = _paired(by_key[("methods", "cgc-1+n")], reference, boot_for)[1]
+    assert "| chosen r_active | test average | change vs per-task-lora at r_active 2 |" in section
+    assert f"| lora | 1.300 | 1.100 | 8 | " in section and section.split("| lora |")[1].split("\n")[0].endswith(f"| {lora:+.3f} |")
+    assert section.split("| cgc-1+n |")[1].split("\n")[0].endswith(f"| {cgc:+.3f} |")
+    assert "| per-task-lora | 0.900 | 1.200 | 2 | " in section
+    del study["arms"][-1]  # cgc-1+n without rank 8: left out; without the capacity group: no section
+    assert "| cgc-1+n |" not in report(study).split("## ranks chosen on validation")[1]
+    study["arms"] = [a for a in study["arms"] if a["group"] != "capacity"]
+    assert "## ranks chosen on validation" not in report(study)
