@@ -232,7 +232,7 @@ def test_each_method_at_the_rank_it_would_choose_on_validation_is_paired_with_pe
     lora = _paired(by_key[("methods", "lora")], reference, boot_for)[1]
     cgc = _paired(by_key[("methods", "cgc-1+n")], reference, boot_for)[1]
     assert "| chosen r_active | test average | change vs per-task-lora at r_active 2 |" in section
-    assert f"| lora | 1.300 | 1.100 | 8 | " in section and section.split("| lora |")[1].split("\n")[0].endswith(f"| {lora:+.3f} |")
+    assert "| lora | 1.300 | 1.100 | 8 | " in section and section.split("| lora |")[1].split("\n")[0].endswith(f"| {lora:+.3f} |")
     assert section.split("| cgc-1+n |")[1].split("\n")[0].endswith(f"| {cgc:+.3f} |")
     assert "| per-task-lora | 0.900 | 1.200 | 2 | " in section
     del study["arms"][-1]  # cgc-1+n without rank 8: left out; without the capacity group: no section
