@@ -29,7 +29,7 @@ a Markdown report of tables with 95% bootstrap intervals (``stats``), which ``re
 from the JSON alone: per group, each arm's scores and its paired change against a reference arm
 (``reference_arm``), and, when the study holds their arms, the components of cgc-1+n's change
 against per-task LoRA (``COMPONENTS``: sharing, structure, the gate) and the key methods each at
-the active rank it would choose on validation (``_ranks``).
+the active rank it would choose on validation (``rank_choice``).
 """
 
 from __future__ import annotations
@@ -407,12 +407,17 @@ def _components(study: dict, boot_for) -> list[str]:
     return _rows(["step", "arm", "against"] + [f"change {t}" for t in tasks] + ["average change"], cells)
 
 
+def _boot_for(values: dict, seeds: int) -> Bootstrap:
+    """The bootstrap over ``values``' test examples (``{task: (seeds, examples)}``) and ``seeds``."""
+    return Bootstrap({t: v.shape[1] for t, v in values.items()}, seeds)
+
+
 def _mean_val_loss(arm: dict) -> float:
     """An arm's validation loss, mean over tasks and seeds (the selection criterion)."""
     return float(np.mean([np.mean(list(r["val_loss"].values())) for r in arm["runs"]]))
 
 
-def _ranks(study: dict, boot_for) -> list[str]:
+def rank_choice(study: dict) -> list[str]:
     """Markdown rows: lora, per-task LoRA and cgc-1+n at every active rank the study holds (the
     methods group at the preset's, the capacity group at the others) with their mean validation
     loss; the rank each would choose on validation (the lowest); its test average there; and its
@@ -427,21 +432,22 @@ def _ranks(study: dict, boot_for) -> list[str]:
 
     def arm_at(method: str, rank: int) -> dict | None:
         return by_key.get(("methods", method) if rank == preset_rank
-                          else ("capacity", f"{method}, r_active {rank}"))
+                          else ("capacity", capacity_arm(method, rank).name))
 
     methods = [m for m in KEY_METHODS if all(arm_at(m, r) for r in ranks)]
     if len(ranks) < 2 or "per-task-lora" not in methods:
         return []
-    chosen = {m: min(ranks, key=lambda r: _mean_val_loss(arm_at(m, r))) for m in methods}
+    loss = {(m, r): _mean_val_loss(arm_at(m, r)) for m in methods for r in ranks}
+    chosen = {m: min(ranks, key=lambda r: loss[m, r]) for m in methods}
     reference = arm_at("per-task-lora", chosen["per-task-lora"])
     tasks = list(reference["runs"][0]["scores"])
     cells = []
     for m in methods:
         arm = arm_at(m, chosen[m])
         values = _per_example(arm, tasks)
-        change = "" if arm is reference else f"{_paired(arm, reference, boot_for)[1]:+.3f}"
-        cells.append([m] + [f"{_mean_val_loss(arm_at(m, r)):.3f}" for r in ranks]
-                     + [str(chosen[m]), f"{boot_for(values, len(arm['runs'])).average(values):.3f}", change])
+        change = "" if arm is reference else f"{_paired(arm, reference, _boot_for)[1]:+.3f}"
+        cells.append([m] + [f"{loss[m, r]:.3f}" for r in ranks]
+                     + [str(chosen[m]), f"{_boot_for(values, len(arm['runs'])).average(values):.3f}", change])
     return _rows(["method"] + [f"val loss r_active {r}" for r in ranks] + [
         "chosen r_active", "test average", f"change vs per-task-lora at r_active {chosen['per-task-lora']}"], cells)
 
@@ -449,10 +455,6 @@ def _ranks(study: dict, boot_for) -> list[str]:
 def report(study: dict) -> str:
     """The study's Markdown report, from its JSON alone (every number traceable to it)."""
     prov, preset = study["provenance"], study["preset"]
-
-    def boot_for(values: dict, seeds: int) -> Bootstrap:
-        return Bootstrap({t: v.shape[1] for t, v in values.items()}, seeds)
-
     lines = [
         "# Study results", "",
         f"Written by `{prov.get('command')}`: preset `{preset['name']}`, seeds {study['seeds']}, {preset['steps']} steps per adapter "
@@ -474,18 +476,18 @@ def report(study: dict) -> str:
         lines += [study["note"], ""]
     for group in dict.fromkeys(a["group"] for a in study["arms"]):
         of_group = [a for a in study["arms"] if a["group"] == group]
-        lines += [f"## {group}", ""] + _table(of_group, boot_for) + [""]
-        changes = _changes(of_group, boot_for)
+        lines += [f"## {group}", ""] + _table(of_group, _boot_for) + [""]
+        changes = _changes(of_group, _boot_for)
         if changes:
             lines += ["Paired changes in test score against the reference arm, 95% intervals; a task "
                       "*loses* when its whole interval lies below zero (in brackets: every task below "
                       "the reference, noise included).", ""] + changes + [""]
-    components = _components(study, boot_for)
+    components = _components(study, _boot_for)
     if components:
         lines += ["## components", "",
                   "Where the change of cgc-1+n against per-task LoRA comes from, in steps that add up to "
                   "it (paired changes in test score, 95% intervals).", ""] + components + [""]
-    ranks = _ranks(study, boot_for)
+    ranks = rank_choice(study)
     if ranks:
         lines += ["## ranks chosen on validation", "",
                   "The budget rule gives every method the same active rank. Here each method takes "

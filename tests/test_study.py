@@ -9,7 +9,7 @@ import pytest
 
 from cgclora_lite.experiment import PRESETS
 from cgclora_lite.stats import Bootstrap
-from cgclora_lite.study import GROUPS, arms, best_gate, flipped, reference_arm, report, run_study
+from cgclora_lite.study import GROUPS, arms, best_gate, flipped, rank_choice, reference_arm, report, run_study
 from cgclora_lite.tasks import Example, Task
 
 
@@ -226,6 +226,7 @@ def test_each_method_at_the_rank_it_would_choose_on_validation_is_paired_with_pe
             study["arms"].append({**arm, "preset": {} if rank == 8 else {"r_active": rank}})
     text = report(study)
     section = text.split("## ranks chosen on validation")[1]
+    assert "\n".join(rank_choice(study)) in section  # the report's section is rank_choice's table
     by_key = {(a["group"], a["name"]): a for a in study["arms"]}
     reference = by_key[("capacity", "per-task-lora, r_active 2")]  # per-task LoRA chooses rank 2
     boot_for = lambda values, seeds: Bootstrap({t: v.shape[1] for t, v in values.items()}, seeds)
